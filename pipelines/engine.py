@@ -1,0 +1,131 @@
+"""Engine stage: one vLLM engine per actor, fed token ids, reporting what it generated in token ids."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+
+from pipelines.stage import Stage
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """What one engine actor loads and how it samples."""
+
+    model: str
+    llm_kwargs: dict[str, Any]
+    sampling: dict[str, Any]
+    seed: int | None
+
+
+class EngineStage(Stage):
+    """Generates for every row without an error; error rows pass through with zero tokens."""
+
+    requires = {
+        "id": "row id, which seeds the row's sampling",
+        "prompt_token_ids": "token ids of the chat-templated prompt, null for error rows",
+        "_error_type": "error class of a row that already failed, else null",
+        "_error": "message of a row that already failed, else null",
+    }
+    produces = {
+        "generated_text": "decoded completion",
+        "completion_token_ids": "token ids the engine generated",
+        "finish_reason": "`stop`, `length`, or `error`",
+        "prompt_tokens": "prompt length as the engine counted it",
+        "cached_tokens": "prompt tokens served from the prefix cache",
+        "_engine_seconds": "wall time of the shard's generate call",
+    }
+
+    def __init__(self, config: EngineConfig):
+        from vllm import LLM
+
+        started = time.monotonic()
+        self.config = config
+        self.llm = LLM(model=config.model, **config.llm_kwargs)
+        log.info("engine for %s ready in %.1f s", config.model, time.monotonic() - started)
+
+    def __call__(self, block: pa.Table) -> pa.Table:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        self.check(block)
+        error_types = block.column("_error_type").to_pylist()
+        errors = block.column("_error").to_pylist()
+        ids = block.column("id").to_pylist()
+        todo = [i for i, error_type in enumerate(error_types) if error_type is None]
+        token_lists = block.column("prompt_token_ids").to_pylist()
+        prompts = [TokensPrompt(prompt_token_ids=token_lists[i]) for i in todo]
+        params = [SamplingParams(**self.config.sampling, seed=row_seed(self.config.seed, ids[i])) for i in todo]
+        started = time.monotonic()
+        outputs = self._generate(prompts, params)
+        engine_seconds = time.monotonic() - started
+
+        count = block.num_rows
+        text: list[str | None] = [None] * count
+        completion_ids: list[list[int]] = [[] for _ in range(count)]
+        finish = ["error"] * count
+        prompt_tokens = [0] * count
+        cached = [0] * count
+        for index, output in zip(todo, outputs):
+            if isinstance(output, Exception):
+                error_types[index], errors[index] = "engine_error", f"the engine rejected this row: {output}"
+                continue
+            completion = output.outputs[0]
+            text[index] = completion.text
+            completion_ids[index] = list(completion.token_ids)
+            finish[index] = completion.finish_reason or "stop"
+            prompt_tokens[index] = len(output.prompt_token_ids)
+            cached[index] = output.num_cached_tokens or 0
+        return (
+            block.set_column(block.schema.get_field_index("_error_type"), "_error_type", pa.array(error_types, pa.string()))
+            .set_column(block.schema.get_field_index("_error"), "_error", pa.array(errors, pa.string()))
+            .append_column("generated_text", pa.array(text, pa.string()))
+            .append_column("completion_token_ids", pa.array(completion_ids, pa.list_(pa.int32())))
+            .append_column("finish_reason", pa.array(finish, pa.string()))
+            .append_column("prompt_tokens", pa.array(prompt_tokens, pa.int64()))
+            .append_column("cached_tokens", pa.array(cached, pa.int64()))
+            .append_column("_engine_seconds", pa.array([engine_seconds] * count, pa.float64()))
+        )
+
+    def _generate(self, prompts: list[Any], params: list[Any]) -> list[Any]:
+        """Generate a batch; if the engine rejects it, isolate the rows it rejects as per-row exceptions."""
+        if not prompts:
+            return []
+        try:
+            return self.llm.generate(prompts, params, use_tqdm=False)
+        except Exception as exc:  # noqa: BLE001 - a dead engine is re-raised below; anything else is per row
+            self._exit_if_dead(exc)
+            log.warning("batch of %d rows failed (%s); retrying row by row to isolate the bad rows", len(prompts), exc)
+        results: list[Any] = []
+        for prompt, param in zip(prompts, params):
+            try:
+                results.extend(self.llm.generate([prompt], [param], use_tqdm=False))
+            except Exception as exc:  # noqa: BLE001
+                self._exit_if_dead(exc)
+                results.append(exc)
+        return results
+
+    @staticmethod
+    def _exit_if_dead(exc: Exception) -> None:
+        """A dead engine cannot recover in this process: exit so Ray restarts the actor and retries the shard."""
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        if isinstance(exc, EngineDeadError):
+            log.error("engine died (%s); exiting the actor so Ray restarts it", exc)
+            os._exit(1)
+
+
+def row_seed(base_seed: int | None, row_id: str) -> int | None:
+    """Per-row seed from the job's seed and the row id, so a row samples the same however rows are batched."""
+    if base_seed is None:
+        return None
+    digest = hashlib.blake2b(f"{base_seed}\0{row_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") & 0x7FFFFFFF

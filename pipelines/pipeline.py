@@ -1,0 +1,50 @@
+"""The Ray Data pipeline: read shards -> prompts -> engine actors -> write and commit, one block per shard."""
+
+from __future__ import annotations
+
+import ray
+from ray.data import ActorPoolStrategy, DataContext, Dataset
+
+from cluster.resources import ReplicaPlan
+from pipelines.engine import EngineConfig, EngineStage
+from pipelines.prompts import PromptConfig, PromptStage
+from pipelines.read import BLOCK_SCHEMA, ReadConfig, Shard, ShardDatasource
+from pipelines.stage import check_wiring
+from pipelines.write import WriteConfig, WriteStage
+
+# Logical CPUs asked for by the light stages, so that on a small node they never starve the engine actor.
+READ_CPUS = 0.25
+PROMPT_CPUS = 0.5
+WRITE_CPUS = 0.25
+# Blocks are whole shards; never let Ray split one.
+MAX_BLOCK_BYTES = 1 << 30
+MAX_READ_TASKS = 1000
+
+
+def build_dataset(
+    shards: list[Shard],
+    read: ReadConfig,
+    prompt: PromptConfig,
+    engine: EngineConfig,
+    write: WriteConfig,
+    replicas: ReplicaPlan,
+    batches_in_flight: int,
+) -> Dataset:
+    """A lazy dataset whose rows are one summary per committed shard; iterating it runs the job."""
+    check_wiring([*BLOCK_SCHEMA.names, *read.carry_columns], [PromptStage, EngineStage, WriteStage])
+    context = DataContext.get_current()
+    context.target_max_block_size = MAX_BLOCK_BYTES
+    context.enable_progress_bars = False
+    dataset = ray.data.read_datasource(
+        ShardDatasource(shards, read), override_num_blocks=min(len(shards), MAX_READ_TASKS), num_cpus=READ_CPUS
+    )
+    dataset = dataset.map_batches(
+        PromptStage, fn_constructor_args=(prompt,), batch_size=None, batch_format="pyarrow", concurrency=1,
+        num_cpus=PROMPT_CPUS,
+    )
+    dataset = dataset.map_batches(
+        EngineStage, fn_constructor_args=(engine,), batch_size=None, batch_format="pyarrow",
+        compute=ActorPoolStrategy(size=replicas.replicas, max_tasks_in_flight_per_actor=batches_in_flight),
+        **replicas.ray_remote_args,
+    )
+    return dataset.map_batches(WriteStage(write), batch_size=None, batch_format="pyarrow", num_cpus=WRITE_CPUS)

@@ -1,0 +1,131 @@
+"""Validate stage + chat template + tokenize: each row becomes the exact token ids the engine will see."""
+
+from __future__ import annotations
+
+import json
+import string
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+
+from pipelines.stage import Stage
+from schemas.errors import RowError
+
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+@dataclass(frozen=True)
+class PromptConfig:
+    """How rows become token ids for one variant."""
+
+    tokenizer: str
+    system: str | None
+    template: str | None
+    messages_column: str | None
+    max_model_len: int
+    max_tokens: int
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+class PromptStage(Stage):
+    """Turns each row's prompt columns into chat messages, renders the chat template and tokenizes it."""
+
+    requires = {
+        "_prompt": "JSON object of the row's prompt columns",
+        "_error_type": "error class of a row that already failed, else null",
+        "_error": "message of a row that already failed, else null",
+    }
+    produces = {"prompt_token_ids": "token ids of the chat-templated prompt, null for error rows"}
+
+    def __init__(self, config: PromptConfig):
+        from transformers import AutoTokenizer
+
+        self.config = config
+        self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer)
+        self.pieces = list(string.Formatter().parse(config.template)) if config.template is not None else []
+
+    def __call__(self, block: pa.Table) -> pa.Table:
+        self.check(block)
+        error_types = block.column("_error_type").to_pylist()
+        errors = block.column("_error").to_pylist()
+        texts: dict[int, str] = {}
+        for index, (raw, error_type) in enumerate(zip(block.column("_prompt").to_pylist(), error_types)):
+            if error_type is not None:
+                continue
+            try:
+                texts[index] = self.tokenizer.apply_chat_template(
+                    self.messages(json.loads(raw)), tokenize=False, add_generation_prompt=True,
+                    **self.config.chat_template_kwargs,
+                )
+            except RowError as exc:
+                error_types[index], errors[index] = exc.error_type, str(exc)
+        encoded = self.tokenizer(list(texts.values()), add_special_tokens=False)["input_ids"] if texts else []
+        token_ids: list[list[int] | None] = [None] * block.num_rows
+        limit = self.config.max_model_len
+        for index, ids in zip(texts, encoded):
+            if len(ids) + self.config.max_tokens > limit:
+                error_types[index] = "prompt_too_long"
+                errors[index] = (
+                    f"prompt is {len(ids)} tokens; with max_tokens {self.config.max_tokens} that is "
+                    f"{len(ids) + self.config.max_tokens}, over max_model_len {limit} by "
+                    f"{len(ids) + self.config.max_tokens - limit}. Shorten the input, lower sampling.max_tokens or "
+                    "raise model.max_model_len (up to the variant's context length)."
+                )
+            else:
+                token_ids[index] = ids
+        return (
+            block.set_column(block.schema.get_field_index("_error_type"), "_error_type", pa.array(error_types, pa.string()))
+            .set_column(block.schema.get_field_index("_error"), "_error", pa.array(errors, pa.string()))
+            .append_column("prompt_token_ids", pa.array(token_ids, pa.list_(pa.int32())))
+        )
+
+    def messages(self, values: dict[str, Any]) -> list[dict[str, str]]:
+        """The chat for one row, or RowError saying which field is wrong and why."""
+        if self.config.messages_column is not None:
+            chat = _check_messages(self.config.messages_column, values[self.config.messages_column])
+        else:
+            user = "".join(literal + (_text_field(name, values[name]) if name is not None else "")
+                           for literal, name, _, _ in self.pieces)
+            chat = [{"role": "user", "content": user}]
+        if self.config.system is not None and chat[0]["role"] != "system":
+            chat = [{"role": "system", "content": self.config.system}, *chat]
+        return chat
+
+
+def _text_field(name: str, value: Any) -> str:
+    if isinstance(value, str):
+        if not value.strip():
+            raise RowError("empty_prompt", f"column {name!r} is empty or whitespace only; the prompt would say nothing")
+        return value
+    raise RowError("invalid_field", f"column {name!r} used by the template must be a string, found {_kind(value)}")
+
+
+def _check_messages(column: str, chat: Any) -> list[dict[str, str]]:
+    if not isinstance(chat, list) or not chat:
+        raise RowError("invalid_messages", f"column {column!r} must be a non-empty list of {{role, content}} "
+                       f"messages, found {_kind(chat)}")
+    for position, message in enumerate(chat):
+        where = f"column {column!r} message {position}"
+        if not isinstance(message, dict) or set(message) - {"role", "content", "name"} or "role" not in message:
+            raise RowError("invalid_messages", f"{where} must be an object with `role` and `content`, found "
+                           f"{_kind(message) if not isinstance(message, dict) else sorted(message)}")
+        if message["role"] not in CHAT_ROLES:
+            raise RowError("invalid_messages", f"{where} has role {message['role']!r}; expected one of {CHAT_ROLES}")
+        if not isinstance(message.get("content"), str):
+            raise RowError("invalid_messages", f"{where} content must be a string, found {_kind(message.get('content'))}")
+    if chat[-1]["role"] != "user":
+        raise RowError("invalid_messages", f"column {column!r}: the last message must be from the user, found "
+                       f"{chat[-1]['role']!r}")
+    if not any(m["content"].strip() for m in chat if m["role"] == "user"):
+        raise RowError("empty_prompt", f"column {column!r}: every user message is empty or whitespace only")
+    return [{"role": m["role"], "content": m["content"]} for m in chat]
+
+
+def _kind(value: Any) -> str:
+    """A value's type as the input file would say it."""
+    if isinstance(value, dict) and set(value) == {"$missing"}:
+        return "no such column in this row"
+    if isinstance(value, dict) and set(value) == {"$type"}:
+        return value["$type"]
+    return "null" if value is None else type(value).__name__

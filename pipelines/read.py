@@ -1,0 +1,350 @@
+"""Read stage: plan deterministic shards from cheap metadata, then read each shard into one Arrow block.
+
+A shard is an input file plus a row range. Its id hashes the file's relative path, size and range, so a rerun of
+the same job over the same input plans the same ids, which is what resume and exactly-once rest on. Reading is
+lenient per row: a line that is not JSON, a CSV record with the wrong field count or bytes that are not UTF-8 become
+rows with `_error_type` set, never a failed file.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from ray.data.block import BlockMetadata
+from ray.data.datasource import Datasource, ReadTask
+
+from pipelines import storage
+from schemas.errors import SpecError
+from schemas.spec import InputSpec
+
+log = logging.getLogger(__name__)
+
+SCAN_CHUNK_BYTES = 16 << 20
+
+# Columns every block carries besides the carried input columns.
+BLOCK_SCHEMA = pa.schema(
+    [
+        ("_shard", pa.string()),
+        ("id", pa.string()),
+        ("source_file", pa.string()),
+        ("source_row", pa.int64()),
+        ("_prompt", pa.string()),
+        ("_error_type", pa.string()),
+        ("_error", pa.string()),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class Shard:
+    """A row range of one input file: the unit of output, commit and resume."""
+
+    shard_id: str
+    file: str
+    relpath: str
+    row_start: int
+    row_count: int
+    byte_start: int
+    byte_end: int
+    header_end: int = 0
+
+
+@dataclass(frozen=True)
+class ReadConfig:
+    """What a read task needs to know about the input."""
+
+    format: str
+    id_column: str | None
+    prompt_columns: tuple[str, ...]
+    carry_columns: tuple[str, ...]
+    on_bad_file: str
+    storage_options: dict[str, Any]
+
+    @classmethod
+    def of(cls, spec: InputSpec, prompt_columns: list[str]) -> ReadConfig:
+        return cls(spec.format, spec.id_column, tuple(prompt_columns), tuple(spec.carry_columns), spec.on_bad_file,
+                   spec.storage_options)
+
+
+def shard_id(relpath: str, size: int, row_start: int, row_count: int) -> str:
+    """Stable id of a row range of a file."""
+    return hashlib.sha256(f"{relpath}\0{size}\0{row_start}\0{row_count}".encode()).hexdigest()[:20]
+
+
+def plan_shards(spec: InputSpec, files: list[storage.FileInfo]) -> tuple[list[Shard], list[str]]:
+    """Shards for every input file, and the files skipped as unreadable (only with `on_bad_file: skip`)."""
+    shards: list[Shard] = []
+    bad_files: list[str] = []
+    for info in files:
+        try:
+            shards.extend(_plan_file(spec, info))
+        except (OSError, pa.ArrowException, ValueError) as exc:
+            if isinstance(exc, SpecError) or spec.on_bad_file == "fail":
+                raise SpecError(
+                    f"input file {info.url} cannot be read as {spec.format}: {exc}. Fix or remove the file, or set "
+                    "input.on_bad_file: skip to record it in the manifest and go on."
+                ) from None
+            log.warning("skipping unreadable input file %s: %s", info.url, exc)
+            bad_files.append(info.url)
+    return shards, bad_files
+
+
+def _plan_file(spec: InputSpec, info: storage.FileInfo) -> Iterator[Shard]:
+    per_shard = spec.rows_per_shard
+    if spec.format == "parquet":
+        rows = storage.read_file(info.url, lambda handle: pq.ParquetFile(handle).metadata.num_rows,
+                                 spec.storage_options)
+        for start in range(0, rows, per_shard):
+            count = min(per_shard, rows - start)
+            yield Shard(shard_id(info.relpath, info.size, start, count), info.url, info.relpath, start, count, 0, 0)
+        return
+    header_end = _csv_header_end(info, spec.storage_options) if spec.format == "csv" else 0
+    chunks = _chunks(info, spec.storage_options, header_end)
+    row_start, byte_start = 0, header_end
+    for rows_so_far, byte_end in _record_boundaries(chunks, header_end, per_shard, quoted=spec.format == "csv"):
+        count = rows_so_far - row_start
+        yield Shard(shard_id(info.relpath, info.size, row_start, count), info.url, info.relpath, row_start, count,
+                    byte_start, byte_end, header_end)
+        row_start, byte_start = rows_so_far, byte_end
+
+
+def _chunks(info: storage.FileInfo, options: dict[str, Any], start: int) -> Iterator[bytes]:
+    for offset in range(start, info.size, SCAN_CHUNK_BYTES):
+        yield storage.read_bytes(info.url, options, start=offset, end=min(offset + SCAN_CHUNK_BYTES, info.size))
+
+
+def _record_boundaries(chunks: Iterable[bytes], start: int, every: int, quoted: bool) -> Iterator[tuple[int, int]]:
+    """(records so far, byte offset after the record) after every `every`-th record and after the last one.
+
+    A record ends at a newline; with `quoted` (CSV) only at a newline outside double quotes, so quoted fields may
+    hold newlines. A final line without a newline is a record too.
+    """
+    offset, records, last_end, in_quotes = start, 0, start, False
+    for chunk in chunks:
+        pos = 0
+        if not quoted or (not in_quotes and b'"' not in chunk):
+            newlines = chunk.count(b"\n")
+            if newlines < every - records % every:
+                records += newlines
+                last_end = offset + chunk.rindex(b"\n") + 1 if newlines else last_end
+                offset += len(chunk)
+                continue
+        while (newline := chunk.find(b"\n", pos)) >= 0:
+            if quoted and chunk.count(b'"', pos, newline) % 2:
+                in_quotes = not in_quotes
+            pos = newline + 1
+            if not in_quotes:
+                records += 1
+                last_end = offset + pos
+                if records % every == 0:
+                    yield records, last_end
+        if quoted and chunk.count(b'"', pos) % 2:
+            in_quotes = not in_quotes
+        offset += len(chunk)
+    if offset > last_end:
+        records, last_end = records + 1, offset
+    if records % every:
+        yield records, last_end
+
+
+def _csv_header_end(info: storage.FileInfo, options: dict[str, Any]) -> int:
+    head = storage.read_bytes(info.url, options, start=0, end=min(info.size, 1 << 20))
+    for _, end in _record_boundaries([head], 0, 1, quoted=True):
+        return end
+    raise SpecError(f"CSV file {info.url} has no header line; the first line must name the columns")
+
+
+def input_columns(spec: InputSpec, info: storage.FileInfo) -> list[str] | None:
+    """Column names of one input file from its footer or first record; None where the format has no fixed columns."""
+    if spec.format == "parquet":
+        return storage.read_file(info.url, lambda handle: pq.ParquetFile(handle).schema_arrow.names,
+                                 spec.storage_options)
+    if spec.format == "csv":
+        header = storage.read_bytes(info.url, spec.storage_options, 0, _csv_header_end(info, spec.storage_options))
+        return next(csv.reader(io.StringIO(header.decode("utf-8", "replace"), newline="")))
+    return None
+
+
+class ShardDatasource(Datasource):
+    """Ray Data source that yields exactly one block per shard, in plan order within each read task."""
+
+    def __init__(self, shards: list[Shard], config: ReadConfig):
+        self._shards = shards
+        self._config = config
+
+    def estimate_inmemory_data_size(self) -> int | None:
+        return None
+
+    def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
+                       data_context: Any = None) -> list[ReadTask]:
+        groups = max(1, min(parallelism, len(self._shards)))
+        tasks = []
+        for index in range(groups):
+            group = self._shards[index::groups]
+            metadata = BlockMetadata(num_rows=sum(s.row_count for s in group), size_bytes=None, exec_stats=None,
+                                     input_files=sorted({s.file for s in group}))
+            tasks.append(ReadTask(partial(_read_group, group, self._config), metadata))
+        return tasks
+
+
+def _read_group(shards: list[Shard], config: ReadConfig) -> Iterator[pa.Table]:
+    for shard in shards:
+        yield read_shard(shard, config)
+
+
+def read_shard(shard: Shard, config: ReadConfig) -> pa.Table:
+    """One shard as a block: one row per input row, bad rows flagged, none dropped."""
+    try:
+        rows = _READERS[config.format](shard, config)
+    except (OSError, pa.ArrowException, ValueError) as exc:
+        if config.on_bad_file == "fail":
+            raise RuntimeError(
+                f"input file {shard.file} (rows {shard.row_start}-{shard.row_start + shard.row_count - 1}) cannot be "
+                f"read: {exc}. Fix the file, or set input.on_bad_file: skip to turn its rows into error rows."
+            ) from exc
+        message = f"input file {shard.file} could not be read: {exc}"
+        rows = [_error_row(shard, shard.row_start + i, "bad_file", message) for i in range(shard.row_count)]
+    return _to_block(shard, rows, config)
+
+
+def _read_jsonl(shard: Shard, config: ReadConfig) -> list[dict[str, Any]]:
+    data = storage.read_bytes(shard.file, config.storage_options, shard.byte_start, shard.byte_end)
+    lines = data.split(b"\n")
+    if data.endswith(b"\n"):
+        lines.pop()
+    if len(lines) != shard.row_count:
+        raise ValueError(f"found {len(lines)} lines where the plan counted {shard.row_count}: the file changed since "
+                         "the job was planned")
+    rows = []
+    for offset, raw in enumerate(lines):
+        row_number = shard.row_start + offset
+        where = f"{shard.file} line {row_number + 1}"
+        try:
+            record = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            rows.append(_error_row(shard, row_number, "invalid_utf8", f"{where} is not valid UTF-8 ({exc.reason} at "
+                                   f"byte {exc.start}); re-encode the file as UTF-8"))
+            continue
+        except json.JSONDecodeError as exc:
+            found = "an empty line" if not raw.strip() else f"invalid JSON ({exc.msg} at column {exc.colno})"
+            rows.append(_error_row(shard, row_number, "invalid_json", f"{where}: expected one JSON object per line, "
+                                   f"found {found}"))
+            continue
+        if not isinstance(record, dict):
+            rows.append(_error_row(shard, row_number, "invalid_json", f"{where}: expected a JSON object, found "
+                                   f"{type(record).__name__}"))
+            continue
+        rows.append(_data_row(shard, row_number, record, config))
+    return rows
+
+
+def _read_csv(shard: Shard, config: ReadConfig) -> list[dict[str, Any]]:
+    header_bytes = storage.read_bytes(shard.file, config.storage_options, 0, shard.header_end)
+    header = next(csv.reader(io.StringIO(header_bytes.decode("utf-8", "replace"), newline="")))
+    data = storage.read_bytes(shard.file, config.storage_options, shard.byte_start, shard.byte_end)
+    text = data.decode("utf-8", "surrogateescape")
+    rows = []
+    for offset, fields in enumerate(csv.reader(io.StringIO(text, newline=""))):
+        row_number = shard.row_start + offset
+        where = f"{shard.file} record {row_number + 1} (after the header)"
+        if any("\udc80" <= char <= "\udcff" for field in fields for char in field):
+            rows.append(_error_row(shard, row_number, "invalid_utf8", f"{where} is not valid UTF-8; re-encode the "
+                                   "file as UTF-8"))
+        elif len(fields) != len(header):
+            rows.append(_error_row(shard, row_number, "invalid_csv", f"{where}: expected {len(header)} fields as in "
+                                   f"the header, found {len(fields)}"))
+        else:
+            rows.append(_data_row(shard, row_number, dict(zip(header, fields)), config))
+    if len(rows) != shard.row_count:
+        raise ValueError(f"found {len(rows)} CSV records where the plan counted {shard.row_count}: the file changed "
+                         "since the job was planned")
+    return rows
+
+
+def _read_parquet(shard: Shard, config: ReadConfig) -> list[dict[str, Any]]:
+    wanted = list(dict.fromkeys(c for c in (config.id_column, *config.prompt_columns, *config.carry_columns) if c))
+    table = storage.read_file(shard.file, partial(_parquet_rows, shard=shard, columns=wanted), config.storage_options)
+    return [_data_row(shard, shard.row_start + i, record, config) for i, record in enumerate(table.to_pylist())]
+
+
+def _parquet_rows(handle: Any, shard: Shard, columns: list[str]) -> pa.Table:
+    """The shard's rows, reading only the row groups that overlap it."""
+    parquet = pq.ParquetFile(handle)
+    groups, first_row, seen = [], 0, 0
+    for index in range(parquet.num_row_groups):
+        size = parquet.metadata.row_group(index).num_rows
+        if seen + size > shard.row_start and seen < shard.row_start + shard.row_count:
+            first_row = seen if not groups else first_row
+            groups.append(index)
+        seen += size
+    table = parquet.read_row_groups(groups, columns=columns)
+    return table.slice(shard.row_start - first_row, shard.row_count)
+
+
+_READERS = {"jsonl": _read_jsonl, "csv": _read_csv, "parquet": _read_parquet}
+
+
+def _position_id(shard: Shard, row_number: int) -> str:
+    return f"{shard.relpath}:{row_number}"
+
+
+def _error_row(shard: Shard, row_number: int, error_type: str, message: str) -> dict[str, Any]:
+    return {"id": _position_id(shard, row_number), "source_row": row_number, "_prompt": None,
+            "_error_type": error_type, "_error": message}
+
+
+def _data_row(shard: Shard, row_number: int, record: dict[str, Any], config: ReadConfig) -> dict[str, Any]:
+    row: dict[str, Any] = {"source_row": row_number, "_error_type": None, "_error": None}
+    row["_prompt"] = json.dumps({c: record.get(c, _MISSING) for c in config.prompt_columns}, default=_describe_value)
+    for column in config.carry_columns:
+        row[column] = record.get(column)
+    if config.id_column is None:
+        row["id"] = _position_id(shard, row_number)
+    elif record.get(config.id_column) is None:
+        row.update(_error_row(shard, row_number, "missing_id",
+                              f"{shard.file} row {row_number}: id column {config.id_column!r} is missing or null"))
+    else:
+        row["id"] = str(record[config.id_column])
+    return row
+
+
+class _Missing:
+    pass
+
+
+_MISSING = _Missing()
+
+
+def _describe_value(value: Any) -> dict[str, str]:
+    """JSON stand-in for a value JSON cannot hold, so the validate stage can name its type."""
+    return {"$missing": "column"} if value is _MISSING else {"$type": type(value).__name__}
+
+
+def _to_block(shard: Shard, rows: list[dict[str, Any]], config: ReadConfig) -> pa.Table:
+    count = len(rows)
+    columns: dict[str, pa.Array] = {
+        "_shard": pa.array([shard.shard_id] * count, pa.string()),
+        "id": pa.array([r["id"] for r in rows], pa.string()),
+        "source_file": pa.array([shard.file] * count, pa.string()),
+        "source_row": pa.array([r["source_row"] for r in rows], pa.int64()),
+        "_prompt": pa.array([r["_prompt"] for r in rows], pa.string()),
+        "_error_type": pa.array([r["_error_type"] for r in rows], pa.string()),
+        "_error": pa.array([r["_error"] for r in rows], pa.string()),
+    }
+    for column in config.carry_columns:
+        values = [r.get(column) for r in rows]
+        try:
+            columns[column] = pa.array(values)
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            columns[column] = pa.array([None if v is None else json.dumps(v, default=str) for v in values])
+    return pa.table(columns)

@@ -1,0 +1,145 @@
+"""Post-process, accounting and write: a shard's rows become one Parquet file, then a create-only commit record."""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipelines import storage
+from pipelines.stage import Stage
+from schemas.results import RESULT_SCHEMA, CommitRecord, Totals
+
+COMMITS_DIR = "_commits"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a job's files live under its output folder."""
+
+    output: str
+
+    def data_file(self, variant: str, shard_id: str) -> str:
+        return f"{variant}/part-{shard_id}.parquet"
+
+    def commit_url(self, variant: str, shard_id: str) -> str:
+        return f"{self.output}/{COMMITS_DIR}/{variant}/{shard_id}.json"
+
+    def commits_prefix(self) -> str:
+        return f"{self.output}/{COMMITS_DIR}"
+
+    def url(self, name: str) -> str:
+        return f"{self.output}/{name}"
+
+
+@dataclass(frozen=True)
+class WriteConfig:
+    """What the write stage needs: where, which variant, the prices and the run."""
+
+    layout: Layout
+    storage_options: dict
+    variant: str
+    model: str
+    input_per_mtok: float
+    output_per_mtok: float
+    carry_columns: tuple[str, ...]
+    run_id: str
+
+
+class WriteStage(Stage):
+    """Computes the cost columns, writes the shard's Parquet under its deterministic name, then commits it."""
+
+    requires = {
+        "_shard": "id of the shard the row belongs to",
+        "id": "row id",
+        "source_file": "input file",
+        "source_row": "row position in the input file",
+        "generated_text": "decoded completion",
+        "completion_token_ids": "token ids the engine generated",
+        "finish_reason": "`stop`, `length`, or `error`",
+        "prompt_tokens": "prompt tokens the engine counted",
+        "cached_tokens": "prompt tokens from the prefix cache",
+        "_error_type": "error class, or null",
+        "_error": "error message, or null",
+        "_engine_seconds": "generate wall time of the shard",
+    }
+    produces = {
+        "shard_id": "committed shard", "committed": "false if an earlier writer had committed it",
+        "rows": "rows in the shard", "rows_failed": "error rows", "completion_tokens": "tokens generated",
+        "cost_usd": "list-price cost of the shard",
+    }
+
+    def __init__(self, config: WriteConfig):
+        self.config = config
+
+    def __call__(self, block: pa.Table) -> pa.Table:
+        self.check(block)
+        shard_ids = pc.unique(block.column("_shard")).to_pylist()
+        if len(shard_ids) != 1:
+            raise RuntimeError(f"a write batch must hold exactly one shard, found {len(shard_ids)}: the shard blocks "
+                               "were split or merged; lower input.rows_per_shard")
+        shard = shard_ids[0]
+        table = results_table(block, self.config)
+        config = self.config
+        buffer = io.BytesIO()
+        pq.write_table(table, buffer, compression="zstd")
+        data_file = config.layout.data_file(config.variant, shard)
+        storage.write_bytes(config.layout.url(data_file), buffer.getvalue(), config.storage_options)
+        totals = Totals.of_table(table, engine_seconds=float(block.column("_engine_seconds")[0].as_py()))
+        rows = table.column("source_row")
+        record = CommitRecord(
+            shard_id=shard, variant=config.variant, data_file=data_file,
+            source_file=block.column("source_file")[0].as_py(), row_start=int(pc.min(rows).as_py()),
+            row_count=table.num_rows, run_id=config.run_id,
+            committed_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), totals=totals,
+        )
+        committed = storage.create_only(config.layout.commit_url(config.variant, shard),
+                                        record.model_dump_json().encode(), config.storage_options)
+        return pa.table({
+            "shard_id": [shard], "committed": [committed], "rows": [totals.rows], "rows_failed": [totals.rows_failed],
+            "completion_tokens": [totals.completion_tokens], "cost_usd": [totals.cost_usd],
+        })
+
+
+def results_table(block: pa.Table, config: WriteConfig) -> pa.Table:
+    """The output rows of a shard, in RESULT_SCHEMA order with carried columns after, costs from token counts."""
+    count = block.num_rows
+    failed = pc.is_valid(block.column("_error_type"))
+    prompt_tokens = pc.if_else(failed, 0, block.column("prompt_tokens"))
+    completion_tokens = pc.if_else(failed, 0, pc.list_value_length(block.column("completion_token_ids")))
+    completion_tokens = pc.cast(completion_tokens, pa.int64())
+    input_cost = pc.multiply(pc.cast(prompt_tokens, pa.float64()), config.input_per_mtok / 1e6)
+    output_cost = pc.multiply(pc.cast(completion_tokens, pa.float64()), config.output_per_mtok / 1e6)
+    columns = {
+        "id": block.column("id"),
+        "variant": pa.array([config.variant] * count, pa.string()),
+        "model": pa.array([config.model] * count, pa.string()),
+        "generated_text": pc.if_else(failed, pa.scalar(None, pa.string()), block.column("generated_text")),
+        "finish_reason": pc.if_else(failed, "error", block.column("finish_reason")),
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "reasoning_tokens": pa.array([0] * count, pa.int64()),
+        "cached_tokens": pc.if_else(failed, 0, block.column("cached_tokens")),
+        "total_tokens": pc.add(prompt_tokens, completion_tokens),
+        "input_cost_usd": input_cost,
+        "output_cost_usd": output_cost,
+        "cost_usd": pc.add(input_cost, output_cost),
+        "error_type": block.column("_error_type"),
+        "error": block.column("_error"),
+        "source_file": block.column("source_file"),
+        "source_row": block.column("source_row"),
+    }
+    table = pa.table(columns, schema=RESULT_SCHEMA)
+    for name in config.carry_columns:
+        table = table.append_column(name, block.column(name))
+    return table
+
+
+def read_commit(data: bytes) -> CommitRecord:
+    """Parse a commit record."""
+    return CommitRecord.model_validate(json.loads(data))

