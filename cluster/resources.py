@@ -64,7 +64,7 @@ def plan_replicas(spec: JobSpec, variant: ModelVariant, max_model_len: int, gpus
         "tensor_parallel_size": tp,
         "distributed_executor_backend": backend,
         "max_model_len": max_model_len,
-        "dtype": spec.model.dtype,
+        "dtype": variant.dtype if spec.model.dtype == "auto" else spec.model.dtype,
         "enforce_eager": engine.enforce_eager if engine.enforce_eager is not None else accelerator == "cpu",
         "seed": spec.sampling.seed or 0,
     }
@@ -102,9 +102,11 @@ def smallest_tensor_parallel(variant: ModelVariant, gpu_memory_gib: float, utili
 
 def cpu_engine_env(tensor_parallel_size: int, kv_cache_gib: float) -> dict[str, str]:
     """vLLM CPU settings: a bounded KV cache, all cores for the engine, one core range per tensor-parallel rank."""
-    env = {"VLLM_CPU_KVCACHE_SPACE": f"{kv_cache_gib:g}", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+    cores = os.cpu_count() or 1
+    # Ray sets OMP_NUM_THREADS to the actor's CPU request (1): that alone makes a CPU engine 2x slower.
+    env = {"VLLM_CPU_KVCACHE_SPACE": f"{kv_cache_gib:g}", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+           "OMP_NUM_THREADS": str(cores)}
     if tensor_parallel_size > 1:
-        cores = os.cpu_count() or tensor_parallel_size
         per_rank = max(1, cores // tensor_parallel_size)
         ranges = [f"{r * per_rank}-{r * per_rank + per_rank - 1}" if per_rank > 1 else str(r)
                   for r in range(tensor_parallel_size)]

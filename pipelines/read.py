@@ -152,15 +152,17 @@ def _record_boundaries(chunks: Iterable[bytes], start: int, every: int, quoted: 
             in_quotes = not in_quotes
         offset += len(chunk)
     if offset > last_end:
-        records, last_end = records + 1, offset
-    if records % every:
+        yield records + 1, offset
+    elif records % every:
         yield records, last_end
 
 
 def _csv_header_end(info: storage.FileInfo, options: dict[str, Any]) -> int:
     head = storage.read_bytes(info.url, options, start=0, end=min(info.size, 1 << 20))
     for _, end in _record_boundaries([head], 0, 1, quoted=True):
-        return end
+        if head[end - 1 : end] == b"\n" or end == info.size:  # not a header cut off at the end of `head`
+            return end
+        break
     raise SpecError(f"CSV file {info.url} has no header line; the first line must name the columns")
 
 

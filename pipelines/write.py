@@ -113,8 +113,8 @@ def results_table(block: pa.Table, config: WriteConfig) -> pa.Table:
     prompt_tokens = pc.if_else(failed, 0, block.column("prompt_tokens"))
     completion_tokens = pc.if_else(failed, 0, pc.list_value_length(block.column("completion_token_ids")))
     completion_tokens = pc.cast(completion_tokens, pa.int64())
-    input_cost = pc.multiply(pc.cast(prompt_tokens, pa.float64()), config.input_per_mtok / 1e6)
-    output_cost = pc.multiply(pc.cast(completion_tokens, pa.float64()), config.output_per_mtok / 1e6)
+    input_cost = _cost(prompt_tokens, config.input_per_mtok)
+    output_cost = _cost(completion_tokens, config.output_per_mtok)
     columns = {
         "id": block.column("id"),
         "variant": pa.array([config.variant] * count, pa.string()),
@@ -138,6 +138,11 @@ def results_table(block: pa.Table, config: WriteConfig) -> pa.Table:
     for name in config.carry_columns:
         table = table.append_column(name, block.column(name))
     return table
+
+
+def _cost(tokens: pa.ChunkedArray, per_mtok: float) -> pa.ChunkedArray:
+    """USD per row as tokens x price / 1e6, in that order, so it is the float a reader computes from the row."""
+    return pc.divide(pc.multiply(pc.cast(tokens, pa.float64()), per_mtok), 1e6)
 
 
 def read_commit(data: bytes) -> CommitRecord:

@@ -32,8 +32,8 @@ class ModelVariant(BaseModel):
 
     name: str = Field(description="Catalog name used in job specs, e.g. `qwen2.5-7b-instruct`.")
     hf_id: str = Field(
-        description="Hugging Face id or local folder the engine loads; `tiny:` ids name checkpoints built by "
-        "`qwen-batch make-tiny-model` under the tiny-model folder."
+        description="Hugging Face id the engine loads; found first under the local model folder "
+        "(QWEN_BATCH_MODEL_DIR/<hf_id>), where `qwen-batch make-tiny-model` puts the `qwen-batch/tiny-*` checkpoints."
     )
     family: Literal["qwen2.5", "qwen2.5-coder", "qwen2.5-math", "qwen3", "qwen3-moe", "tiny"] = Field(
         description="Model family, for grouping in `qwen-batch models`."
@@ -53,6 +53,9 @@ class ModelVariant(BaseModel):
     context_length: int = Field(description="Longest sequence (prompt + output) the model supports natively.")
     quantization: Quantization | None = Field(
         None, description="Weight quantization of the published checkpoint; None for bf16 weights."
+    )
+    dtype: Literal["bfloat16", "float32"] = Field(
+        "bfloat16", description="Dtype the engine computes in when the spec says `auto`."
     )
     license: str = Field(description="Licence of the published weights.")
     thinking: bool = Field(False, description="Whether the model can emit a `<think>` reasoning block.")
@@ -287,7 +290,8 @@ def _tiny(name: str, architecture: Literal["Qwen2ForCausalLM", "Qwen3ForCausalLM
     return ModelVariant(
         name=name, hf_id=f"qwen-batch/{name}", family="tiny", architecture=architecture, params_b=0.02,
         num_layers=2, hidden_size=128, num_attention_heads=4, num_kv_heads=2, head_dim=32, context_length=2048,
-        license=_APACHE, thinking=thinking_sampling is not None, sampling=_GREEDY,
+        # float32: vLLM's CPU bf16 matmuls take a fallback path 6x slower at these tiny shapes.
+        dtype="float32", license=_APACHE, thinking=thinking_sampling is not None, sampling=_GREEDY,
         thinking_sampling=thinking_sampling, input_per_mtok=priced_as.input_per_mtok,
         output_per_mtok=priced_as.output_per_mtok, thinking_output_per_mtok=priced_as.thinking_output_per_mtok,
         price_source=f"Test model with random weights; list prices of `{priced_as.name}` so costs are non-zero.",

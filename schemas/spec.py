@@ -67,9 +67,14 @@ class PromptSpec(_Strict):
     def _one_source(self) -> PromptSpec:
         if (self.template is None) == (self.messages_column is None):
             raise ValueError("give exactly one of `template` (a string with {column} placeholders) or `messages_column`")
-        if self.template is not None:
-            template_columns(self.template)
         return self
+
+    @field_validator("template")
+    @classmethod
+    def _plain_template(cls, value: str | None) -> str | None:
+        if value is not None:
+            template_columns(value)
+        return value
 
     @property
     def columns(self) -> list[str]:
@@ -89,13 +94,14 @@ def template_columns(template: str) -> list[str]:
     for _, field, spec, conversion in parsed:
         if field is None:
             continue
+        placeholder = "{" + field + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
         if not field or field.isdigit() or any(char in field for char in ".[]"):
             raise ValueError(
-                f"template placeholder {{{field}}} is not a plain column name; only {{column}} is allowed "
+                f"template placeholder {placeholder} is not a plain column name; only {{column}} is allowed "
                 "(no attribute access, indexing or positional fields)"
             )
         if spec or conversion:
-            raise ValueError(f"template placeholder {{{field}}} has a format spec or conversion; use plain {{column}}")
+            raise ValueError(f"template placeholder {placeholder} has a format spec or conversion; use plain {{column}}")
         if field not in names:
             names.append(field)
     return names
@@ -116,7 +122,9 @@ class ModelSpec(_Strict):
     max_model_len: int | None = Field(
         None, ge=16, description="Longest prompt + output in tokens; defaults to the variant's context length."
     )
-    dtype: str = Field("auto", description="Weight dtype passed to vLLM (`auto`, `bfloat16`, `float16`).")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="Dtype the engine computes in; `auto` takes the variant's."
+    )
 
     @model_validator(mode="after")
     def _one_model(self) -> ModelSpec:
@@ -269,5 +277,10 @@ def _describe(error: dict[str, Any]) -> str:
     if error["type"] == "missing":
         return f"{where}: required field is missing"
     found = error.get("input")
-    shown = f"{found!r}" if not isinstance(found, (dict, list)) else type(found).__name__
+    if isinstance(found, dict):
+        shown = f"an object with fields {sorted(map(str, found))}"
+    elif isinstance(found, list):
+        shown = f"a list of {len(found)} item(s)"
+    else:
+        shown = repr(found)
     return f"{where}: found {shown}; {error['msg'].removeprefix('Value error, ')}"

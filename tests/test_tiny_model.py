@@ -32,7 +32,7 @@ from vllm import LLM, SamplingParams
 from vllm.inputs import TokensPrompt
 
 llm = LLM(
-    model=sys.argv[1], enforce_eager=True, distributed_executor_backend="uni", max_model_len=512, dtype="bfloat16"
+    model=sys.argv[1], enforce_eager=True, distributed_executor_backend="uni", max_model_len=512
 )
 outputs = llm.generate([TokensPrompt(prompt_token_ids=[14990, 1879])], SamplingParams(max_tokens=4, temperature=0.0))
 print(json.dumps({"token_ids": list(outputs[0].outputs[0].token_ids)}))

@@ -1,0 +1,456 @@
+"""Tests for pipelines.read: shard planning and reading JSONL, CSV and Parquet files on local disk."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines import read
+from pipelines.read import BLOCK_SCHEMA, ReadConfig, Shard, plan_shards, read_shard
+from pipelines.storage import list_files
+from schemas.errors import SpecError
+from schemas.spec import InputSpec
+
+ROWS_PER_SHARD = [1, 2, 7, 1000]
+
+
+def plan(path: Path, fmt: str, **fields: Any) -> tuple[list[Shard], list[str]]:
+    return plan_shards(InputSpec(path=str(path), format=fmt, **fields), list_files(str(path)))
+
+
+def read_all(path: Path, fmt: str, prompt_columns: tuple[str, ...] = ("text",), **fields: Any) -> pa.Table:
+    """Plan the input and read every shard into one table, in plan order."""
+    spec = InputSpec(path=str(path), format=fmt, **fields)
+    shards, _ = plan_shards(spec, list_files(str(path)))
+    config = ReadConfig.of(spec, list(prompt_columns))
+    return pa.concat_tables([read_shard(shard, config) for shard in shards])
+
+
+def prompts(table: pa.Table) -> list[dict[str, Any] | None]:
+    return [None if raw is None else json.loads(raw) for raw in table.column("_prompt").to_pylist()]
+
+
+def errors_by_row(table: pa.Table) -> dict[int, tuple[str, str]]:
+    return {row["source_row"]: (row["_error_type"], row["_error"]) for row in table.to_pylist() if row["_error_type"]}
+
+
+def assert_shards_tile(shards: list[Shard], rows: int, rows_per_shard: int, byte_start: int, byte_end: int) -> None:
+    """Row ranges and byte ranges follow each other without gap or overlap and cover the whole file."""
+    assert sum(s.row_count for s in shards) == rows
+    assert [s.row_start for s in shards] == [sum(s.row_count for s in shards[:i]) for i in range(len(shards))]
+    assert all(s.row_count == rows_per_shard for s in shards[:-1])
+    assert 0 < shards[-1].row_count <= rows_per_shard
+    assert shards[0].byte_start == byte_start
+    assert [s.byte_start for s in shards[1:]] == [s.byte_end for s in shards[:-1]]
+    assert shards[-1].byte_end == byte_end
+
+
+def jsonl_bytes(records: list[dict[str, Any]], newline: str = "\n", trailing: bool = True) -> bytes:
+    text = newline.join(json.dumps(record) for record in records) + (newline if trailing else "")
+    return text.encode()
+
+
+RECORDS = [{"text": f"row {i} ✓", "n": i} for i in range(23)]
+
+
+@pytest.mark.parametrize("rows_per_shard", ROWS_PER_SHARD)
+@pytest.mark.parametrize("newline", ["\n", "\r\n"], ids=["lf", "crlf"])
+@pytest.mark.parametrize("trailing", [True, False], ids=["trailing-newline", "no-trailing-newline"])
+def test_jsonl_shards_cover_every_row_exactly_once(
+    tmp_path: Path, rows_per_shard: int, newline: str, trailing: bool
+) -> None:
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(jsonl_bytes(RECORDS, newline, trailing))
+
+    shards, bad_files = plan(path, "jsonl", rows_per_shard=rows_per_shard)
+    table = read_all(path, "jsonl", rows_per_shard=rows_per_shard)
+
+    assert bad_files == []
+    assert_shards_tile(shards, len(RECORDS), rows_per_shard, 0, path.stat().st_size)
+    assert table.column("source_row").to_pylist() == list(range(len(RECORDS)))
+    assert prompts(table) == [{"text": r["text"]} for r in RECORDS]
+    assert table.column("_error_type").null_count == len(RECORDS)
+
+
+@pytest.mark.parametrize("rows_per_shard", ROWS_PER_SHARD)
+def test_jsonl_rows_per_shard_dividing_the_row_count_keeps_the_last_line_without_newline(
+    tmp_path: Path, rows_per_shard: int
+) -> None:
+    records = RECORDS[: 7 if rows_per_shard == 1000 else rows_per_shard * 2]
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(jsonl_bytes(records, trailing=False))
+
+    shards, _ = plan(path, "jsonl", rows_per_shard=rows_per_shard)
+
+    assert_shards_tile(shards, len(records), rows_per_shard, 0, path.stat().st_size)
+
+
+def test_jsonl_block_has_the_block_schema_columns_in_order(tmp_path: Path) -> None:
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(jsonl_bytes(RECORDS[:3]))
+
+    table = read_all(path, "jsonl", carry_columns=["n"])
+
+    assert table.schema.names == [*BLOCK_SCHEMA.names, "n"]
+    for field in BLOCK_SCHEMA:
+        assert table.schema.field(field.name).type == field.type
+    assert set(table.column("_shard").to_pylist()) == {s.shard_id for s in plan(path, "jsonl")[0]}
+    assert table.column("source_file").to_pylist() == [str(path)] * 3
+
+
+def csv_bytes(header: list[str], rows: list[list[Any]], newline: str = "\n", trailing: bool = True) -> bytes:
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator=newline).writerows([header, *rows])
+    text = buffer.getvalue()
+    return (text if trailing else text.removesuffix(newline)).encode()
+
+
+CSV_ROWS = [[f"row {i}", str(i)] for i in range(23)]
+
+
+@pytest.mark.parametrize("rows_per_shard", ROWS_PER_SHARD)
+@pytest.mark.parametrize("newline", ["\n", "\r\n"], ids=["lf", "crlf"])
+@pytest.mark.parametrize("trailing", [True, False], ids=["trailing-newline", "no-trailing-newline"])
+def test_csv_shards_cover_every_row_exactly_once(
+    tmp_path: Path, rows_per_shard: int, newline: str, trailing: bool
+) -> None:
+    path = tmp_path / "data.csv"
+    path.write_bytes(csv_bytes(["text", "n"], CSV_ROWS, newline, trailing))
+    header_end = len(f"text,n{newline}")
+
+    shards, _ = plan(path, "csv", rows_per_shard=rows_per_shard)
+    table = read_all(path, "csv", rows_per_shard=rows_per_shard, carry_columns=["n"])
+
+    assert_shards_tile(shards, len(CSV_ROWS), rows_per_shard, header_end, path.stat().st_size)
+    assert all(s.header_end == header_end for s in shards)
+    assert table.column("source_row").to_pylist() == list(range(len(CSV_ROWS)))
+    assert prompts(table) == [{"text": text} for text, _ in CSV_ROWS]
+    assert table.column("n").to_pylist() == [n for _, n in CSV_ROWS]
+    assert table.column("_error_type").null_count == len(CSV_ROWS)
+
+
+QUOTED_ROWS = [
+    ["plain", "1"],
+    ["two\nlines", "2"],
+    ['she said ""hi""\nthen "left"', "3"],
+    ["", "4"],
+    ['"', "5"],
+    ["comma, and\r\ncrlf inside", "6"],
+    ['ends with a newline\n', "7"],
+    ["\n\n\n", "8"],
+    ["last", "9"],
+]
+
+
+@pytest.mark.parametrize("rows_per_shard", ROWS_PER_SHARD)
+@pytest.mark.parametrize("scan_chunk_bytes", [1, 5, 16 << 20])
+@pytest.mark.parametrize("trailing", [True, False], ids=["trailing-newline", "no-trailing-newline"])
+def test_csv_quoted_newlines_and_doubled_quotes_split_only_at_record_ends(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rows_per_shard: int, scan_chunk_bytes: int, trailing: bool
+) -> None:
+    monkeypatch.setattr(read, "SCAN_CHUNK_BYTES", scan_chunk_bytes)
+    path = tmp_path / "quoted.csv"
+    data = csv_bytes(["text", "n"], [[text.replace('""', '"'), n] for text, n in QUOTED_ROWS], trailing=trailing)
+    path.write_bytes(data)
+    expected = list(csv.reader(io.StringIO(data.decode(), newline="")))[1:]
+
+    shards, _ = plan(path, "csv", rows_per_shard=rows_per_shard)
+    table = read_all(path, "csv", rows_per_shard=rows_per_shard, carry_columns=["n"])
+
+    assert_shards_tile(shards, len(expected), rows_per_shard, len(b"text,n\n"), len(data))
+    for shard in shards:
+        piece = data[shard.byte_start : shard.byte_end].decode()
+        assert len(list(csv.reader(io.StringIO(piece, newline="")))) == shard.row_count
+    assert prompts(table) == [{"text": text} for text, _ in expected]
+    assert table.column("n").to_pylist() == [n for _, n in expected]
+
+
+def test_csv_header_with_quoted_newline_is_one_record(tmp_path: Path) -> None:
+    path = tmp_path / "data.csv"
+    path.write_bytes(b'"te\nxt",n\na,1\nb,2\n')
+
+    table = read_all(path, "csv", prompt_columns=("te\nxt",), carry_columns=["n"])
+
+    assert prompts(table) == [{"te\nxt": "a"}, {"te\nxt": "b"}]
+    assert table.column("n").to_pylist() == ["1", "2"]
+
+
+def test_csv_record_with_wrong_field_count_is_an_error_row(tmp_path: Path) -> None:
+    path = tmp_path / "data.csv"
+    path.write_bytes(b"text,n\na,1\nb,2,extra\nc\nd,4\n")
+
+    table = read_all(path, "csv", carry_columns=["n"])
+
+    errors = errors_by_row(table)
+    assert sorted(errors) == [1, 2]
+    assert errors[1][0] == errors[2][0] == "invalid_csv"
+    assert f"{path} record 2 (after the header): expected 2 fields as in the header, found 3" in errors[1][1]
+    assert f"{path} record 3 (after the header): expected 2 fields as in the header, found 1" in errors[2][1]
+    assert prompts(table) == [{"text": "a"}, None, None, {"text": "d"}]
+    assert table.column("n").to_pylist() == ["1", None, None, "4"]
+
+
+def test_csv_invalid_utf8_is_an_error_row(tmp_path: Path) -> None:
+    path = tmp_path / "data.csv"
+    path.write_bytes(b"text,n\na,1\nb\xff\xfe,2\nc,3\n")
+
+    table = read_all(path, "csv")
+
+    errors = errors_by_row(table)
+    assert list(errors) == [1]
+    assert errors[1][0] == "invalid_utf8"
+    assert f"{path} record 2 (after the header) is not valid UTF-8" in errors[1][1]
+    assert prompts(table)[2] == {"text": "c"}
+
+
+def test_csv_without_a_header_line_fails_planning_naming_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "empty.csv"
+    path.write_bytes(b"")
+    other = tmp_path / "ok.csv"
+    other.write_bytes(b"text\na\n")
+
+    with pytest.raises(SpecError, match="has no header line") as caught:
+        plan(tmp_path, "csv")
+    assert str(path) in str(caught.value)
+
+
+def test_csv_header_longer_than_the_scanned_head_is_not_cut_short(tmp_path: Path) -> None:
+    path = tmp_path / "wide.csv"
+    path.write_bytes(b",".join(b"column_%d" % i for i in range(120_000)) + b"\na,b\n")
+
+    with pytest.raises(SpecError, match="has no header line"):
+        plan(path, "csv")
+
+
+def test_empty_jsonl_file_plans_no_shards(tmp_path: Path) -> None:
+    path = tmp_path / "empty.jsonl"
+    path.write_bytes(b"")
+
+    assert plan(path, "jsonl") == ([], [])
+
+
+def test_csv_with_only_a_header_plans_no_shards(tmp_path: Path) -> None:
+    path = tmp_path / "data.csv"
+    path.write_bytes(b"text,n")
+
+    assert plan(path, "csv") == ([], [])
+
+
+def write_parquet(path: Path, table: pa.Table, row_group_size: int) -> None:
+    pq.write_table(table, path, row_group_size=row_group_size)
+
+
+PARQUET_TABLE = pa.table({
+    "text": [f"row {i}" for i in range(23)],
+    "n": pa.array(range(23), pa.int64()),
+    "score": [i / 4 for i in range(23)],
+    "unused": ["x"] * 23,
+})
+
+
+@pytest.mark.parametrize("rows_per_shard", ROWS_PER_SHARD)
+@pytest.mark.parametrize("row_group_size", [1, 5, 100])
+def test_parquet_shards_cover_every_row_exactly_once(tmp_path: Path, rows_per_shard: int, row_group_size: int) -> None:
+    path = tmp_path / "data.parquet"
+    write_parquet(path, PARQUET_TABLE, row_group_size)
+
+    shards, _ = plan(path, "parquet", rows_per_shard=rows_per_shard)
+    table = read_all(path, "parquet", rows_per_shard=rows_per_shard, carry_columns=["n", "score"])
+
+    assert_shards_tile(shards, PARQUET_TABLE.num_rows, rows_per_shard, 0, 0)
+    assert table.column("source_row").to_pylist() == list(range(PARQUET_TABLE.num_rows))
+    assert prompts(table) == [{"text": text} for text in PARQUET_TABLE.column("text").to_pylist()]
+    assert table.column("n").to_pylist() == PARQUET_TABLE.column("n").to_pylist()
+    assert "unused" not in table.column_names
+
+
+def test_parquet_carry_columns_keep_their_types(tmp_path: Path) -> None:
+    path = tmp_path / "data.parquet"
+    write_parquet(path, PARQUET_TABLE, 10)
+
+    table = read_all(path, "parquet", carry_columns=["n", "score", "text"])
+
+    assert table.schema.field("n").type == pa.int64()
+    assert table.schema.field("score").type == pa.float64()
+    assert table.schema.field("text").type == pa.string()
+    assert table.column("score").to_pylist()[:3] == [0.0, 0.25, 0.5]
+
+
+def test_jsonl_carry_columns_keep_their_types_and_are_null_on_error_rows(tmp_path: Path) -> None:
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(b'{"text": "a", "n": 1, "tags": ["x"], "mixed": 1}\n'
+                     b"not json\n"
+                     b'{"text": "c", "n": 3, "tags": [], "mixed": "three"}\n')
+
+    table = read_all(path, "jsonl", carry_columns=["n", "tags", "mixed"])
+
+    assert table.schema.field("n").type == pa.int64()
+    assert table.column("n").to_pylist() == [1, None, 3]
+    assert table.column("tags").to_pylist() == [["x"], None, []]
+    assert table.column("mixed").to_pylist() == ["1", None, '"three"']
+
+
+def test_shard_ids_are_stable_across_plans_and_unique(tmp_path: Path) -> None:
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(jsonl_bytes(RECORDS))
+
+    first, _ = plan(path, "jsonl", rows_per_shard=5)
+    second, _ = plan(path, "jsonl", rows_per_shard=5)
+
+    assert [s.shard_id for s in first] == [s.shard_id for s in second]
+    assert len({s.shard_id for s in first}) == len(first)
+
+
+def test_shard_ids_change_when_the_file_size_changes(tmp_path: Path) -> None:
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(jsonl_bytes(RECORDS))
+    before, _ = plan(path, "jsonl", rows_per_shard=5)
+
+    path.write_bytes(jsonl_bytes([{**RECORDS[0], "text": "changed, and longer"}, *RECORDS[1:]]))
+    after, _ = plan(path, "jsonl", rows_per_shard=5)
+
+    assert [(s.row_start, s.row_count) for s in before] == [(s.row_start, s.row_count) for s in after]
+    assert not {s.shard_id for s in before} & {s.shard_id for s in after}
+
+
+def test_shard_ids_change_with_rows_per_shard(tmp_path: Path) -> None:
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(jsonl_bytes(RECORDS))
+
+    by_five, _ = plan(path, "jsonl", rows_per_shard=5)
+    by_six, _ = plan(path, "jsonl", rows_per_shard=6)
+
+    assert by_five[0].shard_id != by_six[0].shard_id
+
+
+def test_row_ids_default_to_relative_path_and_row(tmp_path: Path) -> None:
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "a.jsonl").write_bytes(jsonl_bytes(RECORDS[:2]))
+    (tmp_path / "sub" / "b.jsonl").write_bytes(jsonl_bytes(RECORDS[:3]))
+
+    table = read_all(tmp_path, "jsonl", rows_per_shard=2)
+
+    assert table.column("id").to_pylist() == ["a.jsonl:0", "a.jsonl:1", "sub/b.jsonl:0", "sub/b.jsonl:1",
+                                              "sub/b.jsonl:2"]
+
+
+def test_row_ids_come_from_id_column_and_a_missing_id_is_an_error_row(tmp_path: Path) -> None:
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(b'{"key": "k-0", "text": "a"}\n'
+                     b'{"text": "b"}\n'
+                     b'{"key": null, "text": "c"}\n'
+                     b'{"key": 17, "text": "d"}\n')
+
+    table = read_all(path, "jsonl", id_column="key")
+
+    assert table.column("id").to_pylist() == ["k-0", "data.jsonl:1", "data.jsonl:2", "17"]
+    errors = errors_by_row(table)
+    assert {row: error_type for row, (error_type, _) in errors.items()} == {1: "missing_id", 2: "missing_id"}
+    assert f"{path} row 1: id column 'key' is missing or null" in errors[1][1]
+    assert prompts(table) == [{"text": "a"}, None, None, {"text": "d"}]
+
+
+def test_parquet_id_column_is_read_even_when_not_carried(tmp_path: Path) -> None:
+    path = tmp_path / "data.parquet"
+    write_parquet(path, PARQUET_TABLE, 7)
+
+    table = read_all(path, "parquet", id_column="n", rows_per_shard=4)
+
+    assert table.column("id").to_pylist() == [str(i) for i in range(23)]
+    assert "n" not in table.column_names
+
+
+def test_bad_jsonl_lines_become_error_rows_and_the_others_still_read(tmp_path: Path) -> None:
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(b'{"text": "first"}\n'
+                     b'{"text": broken\n'
+                     b"\n"
+                     b"[1, 2]\n"
+                     b'{"text": "caf\xe9"}\n'
+                     b'"just a string"\n'
+                     b'{"text": "last"}')
+
+    table = read_all(path, "jsonl", rows_per_shard=3)
+
+    errors = errors_by_row(table)
+    assert {row: error_type for row, (error_type, _) in errors.items()} == {
+        1: "invalid_json", 2: "invalid_json", 3: "invalid_json", 4: "invalid_utf8", 5: "invalid_json",
+    }
+    assert f"{path} line 2: expected one JSON object per line, found invalid JSON" in errors[1][1]
+    assert f"{path} line 3: expected one JSON object per line, found an empty line" in errors[2][1]
+    assert f"{path} line 4: expected a JSON object, found list" in errors[3][1]
+    assert f"{path} line 5 is not valid UTF-8" in errors[4][1]
+    assert f"{path} line 6: expected a JSON object, found str" in errors[5][1]
+    assert prompts(table) == [{"text": "first"}, None, None, None, None, None, {"text": "last"}]
+    assert table.column("id").to_pylist() == [f"data.jsonl:{i}" for i in range(7)]
+
+
+def test_missing_prompt_column_is_marked_for_the_prompt_stage(tmp_path: Path) -> None:
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(b'{"text": "a"}\n{"other": 1}\n{"text": null}\n')
+
+    table = read_all(path, "jsonl")
+
+    assert prompts(table) == [{"text": "a"}, {"text": {"$missing": "column"}}, {"text": None}]
+    assert table.column("_error_type").null_count == 3
+
+
+def test_file_changed_since_planning_fails_the_shard_naming_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(jsonl_bytes(RECORDS[:4]))
+    spec = InputSpec(path=str(path), format="jsonl", rows_per_shard=10)
+    [shard] = plan_shards(spec, list_files(str(path)))[0]
+    path.write_bytes(jsonl_bytes(RECORDS[:2]))
+
+    with pytest.raises(RuntimeError, match="the file changed since the job was planned") as caught:
+        read_shard(shard, ReadConfig.of(spec, ["text"]))
+    assert str(path) in str(caught.value)
+
+
+def test_file_changed_since_planning_with_skip_gives_bad_file_rows(tmp_path: Path) -> None:
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(jsonl_bytes(RECORDS[:4]))
+    spec = InputSpec(path=str(path), format="jsonl", rows_per_shard=10, on_bad_file="skip")
+    [shard] = plan_shards(spec, list_files(str(path)))[0]
+    path.write_bytes(jsonl_bytes(RECORDS[:2]))
+
+    table = read_shard(shard, ReadConfig.of(spec, ["text"]))
+
+    assert table.column("_error_type").to_pylist() == ["bad_file"] * 4
+    assert table.column("source_row").to_pylist() == [0, 1, 2, 3]
+
+
+def corrupt_parquet_input(tmp_path: Path) -> tuple[Path, Path]:
+    good = tmp_path / "a.parquet"
+    write_parquet(good, PARQUET_TABLE, 10)
+    bad = tmp_path / "b.parquet"
+    bad.write_bytes(b"PAR1 this is not a parquet file")
+    return good, bad
+
+
+def test_corrupt_parquet_fails_planning_naming_the_file(tmp_path: Path) -> None:
+    _, bad = corrupt_parquet_input(tmp_path)
+
+    with pytest.raises(SpecError) as caught:
+        plan(tmp_path, "parquet", on_bad_file="fail")
+
+    message = str(caught.value)
+    assert f"input file {bad} cannot be read as parquet" in message
+    assert "on_bad_file: skip" in message
+
+
+def test_corrupt_parquet_with_skip_is_listed_in_bad_files(tmp_path: Path) -> None:
+    good, bad = corrupt_parquet_input(tmp_path)
+
+    shards, bad_files = plan(tmp_path, "parquet", on_bad_file="skip", rows_per_shard=10)
+
+    assert bad_files == [str(bad)]
+    assert {s.file for s in shards} == {str(good)}
+    assert sum(s.row_count for s in shards) == PARQUET_TABLE.num_rows

@@ -1,0 +1,72 @@
+"""Tests for pipelines.stage: a wiring mistake fails naming the stage and the columns, before any engine starts."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pytest
+
+from pipelines.engine import EngineStage
+from pipelines.prompts import PromptStage
+from pipelines.read import BLOCK_SCHEMA
+from pipelines.stage import Stage, check_wiring
+from pipelines.write import WriteStage
+
+SOURCE = [*BLOCK_SCHEMA.names, "stars"]
+
+
+def test_the_pipeline_wiring_passes_from_the_block_schema() -> None:
+    check_wiring(SOURCE, [PromptStage, EngineStage, WriteStage])
+
+
+def test_wiring_without_the_prompt_stage_names_the_engine_stage_and_its_missing_column() -> None:
+    with pytest.raises(KeyError) as caught:
+        check_wiring(SOURCE, [EngineStage, WriteStage])
+
+    message = caught.value.args[0]
+    assert message.startswith("Required input columns ['prompt_token_ids'] not found at the input of EngineStage")
+    assert f"prompt_token_ids: {EngineStage.requires['prompt_token_ids']}" in message
+    assert f"Input columns: {sorted(SOURCE)}" in message
+
+
+def test_wiring_without_the_engine_stage_names_every_column_the_write_stage_misses() -> None:
+    with pytest.raises(KeyError) as caught:
+        check_wiring(SOURCE, [PromptStage, WriteStage])
+
+    message = caught.value.args[0]
+    missing = sorted(set(WriteStage.requires) - set(SOURCE))
+    assert missing == sorted(set(EngineStage.produces))
+    assert message.startswith(f"Required input columns {missing} not found at the input of WriteStage")
+    assert "prompt_token_ids" in message.split("Input columns: ")[1]
+
+
+def test_wiring_in_the_wrong_order_fails_at_the_first_stage_short_of_columns() -> None:
+    with pytest.raises(KeyError, match="not found at the input of EngineStage"):
+        check_wiring(SOURCE, [EngineStage, PromptStage, WriteStage])
+
+
+def test_wiring_from_a_source_without_the_read_columns_names_them() -> None:
+    with pytest.raises(KeyError, match=r"\['_error', '_error_type'\] not found at the input of PromptStage"):
+        check_wiring(["_shard", "id", "source_file", "source_row", "_prompt"], [PromptStage, EngineStage, WriteStage])
+
+
+class Upper(Stage):
+    requires = {"text": "text to upper-case"}
+    produces = {"upper": "the text in capitals"}
+
+    def __call__(self, block: pa.Table) -> pa.Table:
+        self.check(block)
+        return block.append_column("upper", pa.array([t.upper() for t in block.column("text").to_pylist()]))
+
+
+def test_stage_check_names_the_stage_and_the_columns_it_has() -> None:
+    with pytest.raises(KeyError) as caught:
+        Upper()(pa.table({"other": ["x"]}))
+
+    assert caught.value.args[0] == (
+        "Required input columns ['text'] not found at the input of Upper. Input columns: ['other']"
+    )
+
+
+def test_stage_check_passes_when_the_columns_are_there() -> None:
+    assert Upper()(pa.table({"text": ["x"]})).column("upper").to_pylist() == ["X"]
+    check_wiring(["text"], [Upper])
