@@ -73,7 +73,9 @@ def plan_replicas(spec: JobSpec, variant: ModelVariant, max_model_len: int, gpus
     env: dict[str, str] = {}
     if accelerator == "gpu":
         llm_kwargs["gpu_memory_utilization"] = engine.gpu_memory_utilization
-        remote: dict[str, Any] = {"num_cpus": resources.cpus_per_replica, "num_gpus": tp}
+        # With the `ray` backend vLLM places its workers in a placement group of `tp` GPU bundles it creates itself;
+        # otherwise the actor holds the GPUs and `mp` workers inherit them.
+        remote: dict[str, Any] = {"num_cpus": resources.cpus_per_replica, "num_gpus": 0 if backend == "ray" else tp}
     else:
         env.update(cpu_engine_env(tp, engine.cpu_kv_cache_gib))
         if backend == "uni":
