@@ -1,0 +1,150 @@
+"""Crashes for real: a killed engine actor, a SIGKILLed driver, an S3 server restart, each mid-job."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from jobs.driver import run_job
+from pipelines import storage
+from schemas.spec import load_spec
+
+pytestmark = [pytest.mark.engine, pytest.mark.s3]
+
+ROWS, ROWS_PER_SHARD = 240, 8
+
+
+def make_job(root: str, output: str) -> dict[str, Any]:
+    """A job slow enough to interrupt: 30 shards of 8 rows, 24 greedy tokens each."""
+    lines = "".join(json.dumps({"rid": f"q{i:04d}", "text": f"question number {i} about item {i % 13}"}) + "\n"
+                    for i in range(ROWS))
+    storage.write_bytes(f"{root}/input/questions.jsonl", lines.encode())
+    return {
+        "name": "recovery", "input": {"path": f"{root}/input", "format": "jsonl", "id_column": "rid",
+                                      "rows_per_shard": ROWS_PER_SHARD},
+        "prompt": {"template": "Answer briefly: {text}"}, "model": {"variant": "tiny-qwen2", "max_model_len": 256},
+        "sampling": {"max_tokens": 24, "temperature": 0}, "output": {"path": output},
+    }
+
+
+def commits(output: str) -> dict[str, dict[str, Any]]:
+    """Commit records by shard id."""
+    return {url.rsplit("/", 1)[-1]: json.loads(storage.read_bytes(url))
+            for url in storage.list_names(f"{output}/_commits") if url.endswith(".json")}
+
+
+def wait_for(condition, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"waited {timeout_s} s for {what}")
+        time.sleep(0.2)
+
+
+def assert_exactly_once(output: str) -> None:
+    fs, path = storage.filesystem(output)
+    ids = pq.read_table(path, filesystem=fs, columns=["id"]).column("id").to_pylist()
+    assert sorted(ids) == [f"q{i:04d}" for i in range(ROWS)]
+    manifest = json.loads(storage.read_bytes(f"{output}/_manifest.json"))
+    assert manifest["complete"] and manifest["rows_in"] == manifest["rows_ok"] == ROWS
+    assert manifest["shards"] == ROWS // ROWS_PER_SHARD
+
+
+def engine_actor_pids() -> list[int]:
+    """Pids of live engine actor processes of this Ray session (the process title names the actor class)."""
+    return [p.pid for p in psutil.process_iter(["cmdline"])
+            if any("EngineStage" in part for part in (p.info["cmdline"] or []))]
+
+
+def test_killed_engine_actor_is_restarted_and_its_shards_retried(tmp_path, ray_local):
+    output = str(tmp_path / "out")
+    spec = load_spec(make_job(str(tmp_path), output))
+    result: dict[str, Any] = {}
+    runner = threading.Thread(target=lambda: result.update(manifest=run_job(spec)))
+    runner.start()
+    wait_for(lambda: len(commits(output)) >= 2, 180, "the first committed shards")
+    victims = engine_actor_pids()
+    assert victims, "no engine actor process found"
+    for pid in victims:
+        os.kill(pid, signal.SIGKILL)
+    killed_at = len(commits(output))
+    runner.join(timeout=600)
+    assert not runner.is_alive() and "manifest" in result
+    assert killed_at < ROWS // ROWS_PER_SHARD, "the job finished before the engine was killed"
+    assert_exactly_once(output)
+
+
+def test_driver_killed_with_sigkill_then_rerun_resumes_without_recomputing(tmp_path, ray_local):
+    import ray
+
+    output = str(tmp_path / "out")
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(yaml.safe_dump(make_job(str(tmp_path), output)))
+    address = ray.get_runtime_context().gcs_address
+    driver = subprocess.Popen([sys.executable, "-m", "jobs.cli", "run", str(spec_file), "--address", address],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_for(lambda: len(commits(output)) >= 3, 180, "the first committed shards")
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait(timeout=30)
+    before = commits(output)
+    assert 3 <= len(before) < ROWS // ROWS_PER_SHARD
+    manifest = run_job(load_spec(spec_file))
+    after = commits(output)
+    assert_exactly_once(output)
+    assert manifest.runs[-1].shards_skipped >= len(before)
+    for shard, record in before.items():
+        assert after[shard]["run_id"] == record["run_id"], "a committed shard was recomputed"
+    assert manifest.runs[-1].shards_committed == len(after) - manifest.runs[-1].shards_skipped
+
+
+def test_s3_server_restart_mid_job_is_survived(tmp_path, s3, ray_local):
+    root = f"s3://{s3.bucket}/restart-{os.getpid()}"
+    output = f"{root}/out"
+    spec = load_spec(make_job(root, output))
+    result: dict[str, Any] = {}
+    runner = threading.Thread(target=lambda: result.update(manifest=run_job(spec)))
+    runner.start()
+    wait_for(lambda: len(commits(output)) >= 2, 180, "the first committed shards")
+    s3.restart()
+    runner.join(timeout=600)
+    assert not runner.is_alive() and "manifest" in result
+    assert_exactly_once(output)
+
+
+def test_rerun_of_a_finished_job_recomputes_nothing(tmp_path, ray_local):
+    output = str(tmp_path / "out")
+    spec = load_spec(make_job(str(tmp_path), output))
+    first = run_job(spec)
+    second = run_job(spec)
+    assert second.runs[-1].shards_committed == 0 and second.runs[-1].shards_skipped == first.shards
+    assert second.totals == first.totals
+    assert_exactly_once(output)
+
+
+def test_different_spec_on_the_same_output_is_refused_unless_overwrite(tmp_path, ray_local):
+    from schemas.errors import SpecError
+
+    output = str(tmp_path / "out")
+    job = make_job(str(tmp_path), output)
+    run_job(load_spec(job))
+    changed = load_spec({**job, "sampling": {"max_tokens": 5, "temperature": 0}})
+    with pytest.raises(SpecError, match="holds job 'recovery-.*--overwrite"):
+        run_job(changed)
+    manifest = run_job(changed, overwrite=True)
+    assert manifest.totals.completion_tokens == 5 * ROWS
+    assert len(commits(output)) == ROWS // ROWS_PER_SHARD
+    assert not Path(output, "_runs").exists() or len(list(Path(output, "_runs").iterdir())) == 1
