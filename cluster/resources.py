@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from cluster.planner import GPU_TYPES, VariantPlan, plan_variant
 from schemas.catalog import ModelVariant
 from schemas.errors import SpecError
 from schemas.spec import JobSpec
@@ -17,10 +18,6 @@ log = logging.getLogger(__name__)
 # under the same name before its commit record exists, so retries never duplicate output.
 ENGINE_MAX_RESTARTS = 4
 ENGINE_MAX_TASK_RETRIES = 4
-# Bytes per weight for the dtype of the published checkpoint.
-WEIGHT_BYTES = {None: 2.0, "fp8": 1.0, "gptq-int8": 1.0, "awq": 0.5, "gptq-int4": 0.5}
-# Share of a GPU's usable memory the weights may take, leaving the rest for KV cache and activations.
-WEIGHTS_SHARE = 0.6
 
 
 @dataclass(frozen=True)
@@ -48,15 +45,16 @@ def plan_replicas(spec: JobSpec, variant: ModelVariant, max_model_len: int, gpus
     if accelerator == "auto":
         accelerator = "gpu" if gpus_in_cluster else "cpu"
     tp = resources.tensor_parallel_size
-    if tp == "auto":
-        tp = 1 if accelerator == "cpu" else smallest_tensor_parallel(variant, resources.gpu_memory_gib,
-                                                                       engine.gpu_memory_utilization)
+    if accelerator == "gpu":
+        tp = gpu_plan(spec, variant, max_model_len, gpus_in_cluster).tensor_parallel_size
+        if tp * resources.replicas > gpus_in_cluster:
+            raise SpecError(f"resources: {resources.replicas} replicas x tensor_parallel_size {tp} need "
+                            f"{tp * resources.replicas} GPUs; the Ray cluster has {gpus_in_cluster}. Lower replicas.")
+    elif tp == "auto":
+        tp = 1
     if variant.num_attention_heads % tp:
         raise SpecError(f"resources.tensor_parallel_size: found {tp}; it must divide {variant.name}'s "
                         f"{variant.num_attention_heads} attention heads")
-    if accelerator == "gpu" and tp * resources.replicas > gpus_in_cluster:
-        raise SpecError(f"resources: {resources.replicas} replicas x tensor_parallel_size {tp} need "
-                        f"{tp * resources.replicas} GPUs; the Ray cluster has {gpus_in_cluster}. Lower replicas.")
     backend = engine.executor_backend
     if backend == "auto":
         backend = "uni" if tp == 1 else "mp"
@@ -89,17 +87,17 @@ def plan_replicas(spec: JobSpec, variant: ModelVariant, max_model_len: int, gpus
     return ReplicaPlan(accelerator, tp, resources.replicas, llm_kwargs, env, remote)
 
 
-def smallest_tensor_parallel(variant: ModelVariant, gpu_memory_gib: float, utilization: float) -> int:
-    """Smallest power of two dividing the attention heads whose per-GPU weight share fits beside a KV cache."""
-    weights_gib = variant.params_b * 1e9 * WEIGHT_BYTES[variant.quantization] / 2**30
-    budget = gpu_memory_gib * utilization * WEIGHTS_SHARE
-    tp = 1
-    while tp <= 64:
-        if variant.num_attention_heads % tp == 0 and weights_gib / tp <= budget:
-            return tp
-        tp *= 2
-    raise SpecError(f"{variant.name} ({weights_gib:.0f} GiB of weights) does not fit on up to 64 GPUs of "
-                    f"{gpu_memory_gib:g} GiB; set resources.gpu_memory_gib or pick a quantized variant")
+def gpu_plan(spec: JobSpec, variant: ModelVariant, max_model_len: int, gpus: int) -> VariantPlan:
+    """The planner's tensor parallelism and KV capacity for the spec's GPU type; warns when an explicit size won't fit."""
+    gpu = GPU_TYPES.get(spec.resources.gpu_type)
+    if gpu is None:
+        raise SpecError(f"resources.gpu_type: found {spec.resources.gpu_type!r}; expected one of {sorted(GPU_TYPES)}")
+    explicit = spec.resources.tensor_parallel_size
+    plan = plan_variant(variant, gpu, max(gpus, 1), max_model_len, spec.engine.gpu_memory_utilization,
+                        tensor_parallel_size=None if explicit == "auto" else explicit)
+    if plan.warning:
+        log.warning("resources.tensor_parallel_size %s: %s", explicit, plan.warning)
+    return plan
 
 
 def cpu_engine_env(tensor_parallel_size: int, kv_cache_gib: float) -> dict[str, str]:

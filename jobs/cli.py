@@ -40,6 +40,21 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--overwrite", action="store_true", help="Delete what the output folder holds and start over.")
     run.set_defaults(handler=_run)
 
+    plan = commands.add_parser("plan", help="Tensor parallelism, replicas, KV capacity, time and cost on a GPU cluster.")
+    plan.add_argument("spec", help="Job spec, YAML or JSON.")
+    plan.add_argument("--gpu-type", default="h100-80gb", help="GPU model (see cluster/planner.py GPU_TYPES).")
+    plan.add_argument("--gpus", type=int, default=8, help="GPUs in the cluster.")
+    plan.set_defaults(handler=_plan)
+
+    render = commands.add_parser("render", help="Write deployment manifests for a spec.")
+    render.add_argument("target", choices=["k8s"], help="`k8s`: a KubeRay RayJob plus the ConfigMap holding the spec.")
+    render.add_argument("spec", help="Job spec, YAML or JSON.")
+    render.add_argument("--image", required=True, help="Container image with qwen-batch[gpu] and Ray 2.60.")
+    render.add_argument("--gpus-per-worker", type=int, default=8, help="GPUs on one worker node.")
+    render.add_argument("--workers", type=int, default=0, help="Worker pods; 0 starts as many as the replicas need.")
+    render.add_argument("--namespace", default="default", help="Kubernetes namespace.")
+    render.set_defaults(handler=_render)
+
     models = commands.add_parser("models", help="List the Qwen variant catalog.")
     models.set_defaults(handler=_models)
 
@@ -67,6 +82,21 @@ def _validate(args: argparse.Namespace) -> int:
         "shards": len(plan.shards), "rows": plan.rows, "shards_committed": len(plan.committed),
         "shards_to_run": len(plan.todo), "bad_files": plan.bad_files, "output": plan.layout.output,
     }, indent=2))
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from jobs.estimate import estimate_job
+    from schemas.spec import load_spec
+
+    print(estimate_job(load_spec(args.spec), args.gpu_type, args.gpus))
+    return 0
+
+
+def _render(args: argparse.Namespace) -> int:
+    from cluster.render import render_command
+
+    print(render_command(args.spec, args.image, args.gpus_per_worker, args.workers, args.namespace), end="")
     return 0
 
 

@@ -178,8 +178,9 @@ class ResourcesSpec(_Strict):
     accelerator: Literal["auto", "gpu", "cpu"] = Field(
         "auto", description="Where engines run: `auto` uses GPUs when the Ray cluster has them, else the CPU."
     )
-    gpu_memory_gib: float = Field(
-        80.0, gt=0, description="Memory of one GPU, for `tensor_parallel_size: auto` (80 for H100/A100-80GB)."
+    gpu_type: str = Field(
+        "h100-80gb", description="GPU model of the cluster, for planning tensor parallelism and KV capacity "
+        "(`h100-80gb`, `h200-141gb`, `a100-80gb`, `a100-40gb`, `l40s-48gb`, `l4-24gb`, `a10g-24gb`)."
     )
     cpus_per_replica: float = Field(
         1.0, gt=0, description="Ray CPUs each engine actor asks for (on CPU engines the compute is the whole node)."

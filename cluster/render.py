@@ -1,0 +1,207 @@
+"""Kubernetes manifests for a job spec: a ConfigMap holding the spec and a KubeRay RayJob sized to it."""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+import yaml
+
+from cluster.resources import gpu_plan
+from pipelines.storage import redact
+from schemas.catalog import get_variant
+from schemas.errors import SpecError
+from schemas.spec import JobSpec, load_spec
+
+__all__ = ["rayjob_name", "render_command", "render_configmap", "render_rayjob", "render_yaml"]
+
+RAY_VERSION = "2.60.0"
+SPEC_MOUNT = "/specs"
+SPEC_KEY = "job.yaml"
+# KubeRay names the job's RayCluster `<rayjob>-<5 chars>` and caps RayCluster names at 53 characters.
+MAX_RAYJOB_NAME = 47
+CPUS_PER_GPU = 8
+MEMORY_GIB_PER_GPU = 40
+HEAD_CPUS = 4
+HEAD_MEMORY_GIB = 16
+
+
+def rayjob_name(spec_name: str) -> str:
+    """The spec's name as a RayJob name: a DNS-1035 label (lowercase, starts with a letter) of at most 47 chars."""
+    name = re.sub(r"-+", "-", re.sub(r"[^a-z0-9-]", "-", spec_name.lower())).strip("-")
+    if not name[:1].isalpha():
+        name = f"job-{name}"
+    return name[:MAX_RAYJOB_NAME].rstrip("-")
+
+
+def render_configmap(spec: JobSpec, *, name: str, namespace: str = "default") -> dict[str, Any]:
+    """A ConfigMap holding the spec as `job.yaml`; refuses specs that carry credentials."""
+    fields = spec.model_dump(mode="json", exclude_unset=True)
+    secrets = _secret_fields(fields, redact(fields))
+    if secrets:
+        raise SpecError(f"{', '.join(secrets)}: a ConfigMap is readable by anyone who can read the namespace; move "
+                        "credentials to the Secret `qwen-batch-env` (e.g. AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, "
+                        "HF_TOKEN), which the Ray pods load as environment variables")
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": name, "namespace": namespace, "labels": _labels(spec)},
+        "data": {SPEC_KEY: yaml.dump(fields, Dumper=_BlockDumper, sort_keys=False)},
+    }
+
+
+def render_rayjob(spec: JobSpec, *, image: str, gpus_per_worker: int, workers: int, namespace: str = "default",
+                  spec_configmap: str | None = None) -> dict[str, Any]:
+    """A RayJob running `qwen-batch run` on the spec, with enough GPU workers for its replicas.
+
+    Each worker pod holds whole replicas (tensor_parallel_size GPUs each), at most `gpus_per_worker` GPUs (one GPU
+    node); `workers` of 0 starts as many pods as the replicas need. `spec_configmap` names the ConfigMap holding the
+    spec (default `<name>-spec`).
+    """
+    name = rayjob_name(spec.name)
+    tensor_parallel, replicas = _replica_shape(spec, gpus_per_worker)
+    if gpus_per_worker < tensor_parallel:
+        raise SpecError(f"resources.tensor_parallel_size: {tensor_parallel} GPUs per replica do not fit on a worker "
+                        f"of {gpus_per_worker} GPUs; a replica must sit on one node. Raise --gpus-per-worker")
+    replicas_per_worker = min(replicas, gpus_per_worker // tensor_parallel)
+    needed = math.ceil(replicas / replicas_per_worker)
+    if workers and workers < needed:
+        raise SpecError(f"resources.replicas: {replicas} replicas of {tensor_parallel} GPU(s) need {needed} workers "
+                        f"of {gpus_per_worker} GPUs; --workers is {workers}. Raise --workers or lower replicas")
+    worker_gpus = replicas_per_worker * tensor_parallel
+    configmap = spec_configmap or f"{name}-spec"
+    return {
+        "apiVersion": "ray.io/v1",
+        "kind": "RayJob",
+        "metadata": {"name": name, "namespace": namespace, "labels": _labels(spec)},
+        "spec": {
+            "entrypoint": f"qwen-batch run {SPEC_MOUNT}/{SPEC_KEY}",
+            "submissionMode": "K8sJobMode",
+            "shutdownAfterJobFinishes": True,
+            "ttlSecondsAfterFinished": 600,
+            "activeDeadlineSeconds": 6 * 3600,
+            "backoffLimit": 1,
+            "submitterConfig": {"backoffLimit": 2},
+            "rayClusterSpec": {
+                "rayVersion": RAY_VERSION,
+                "enableInTreeAutoscaling": False,
+                "headGroupSpec": _head_group(image, configmap, _labels(spec)),
+                "workerGroupSpecs": [_worker_group(image, workers or needed, worker_gpus, _labels(spec))],
+            },
+        },
+    }
+
+
+def render_yaml(spec: JobSpec, *, image: str, gpus_per_worker: int, workers: int, namespace: str = "default",
+                spec_configmap: str | None = None) -> str:
+    """The ConfigMap and the RayJob for the spec as one multi-document YAML, for `kubectl apply -f -`."""
+    rayjob = render_rayjob(spec, image=image, gpus_per_worker=gpus_per_worker, workers=workers, namespace=namespace,
+                           spec_configmap=spec_configmap)
+    configmap = render_configmap(spec, name=spec_configmap or f"{rayjob['metadata']['name']}-spec",
+                                 namespace=namespace)
+    return yaml.dump_all([configmap, rayjob], Dumper=_BlockDumper, sort_keys=False)
+
+
+def render_command(spec_path: str, image: str, gpus_per_worker: int, workers: int, namespace: str) -> str:
+    """`qwen-batch render k8s SPEC --image IMG`: the manifests for the spec file, as YAML text."""
+    return render_yaml(load_spec(spec_path), image=image, gpus_per_worker=gpus_per_worker, workers=workers,
+                       namespace=namespace)
+
+
+def _replica_shape(spec: JobSpec, gpus_per_worker: int) -> tuple[int, int]:
+    """GPUs per replica and replicas, with `tensor_parallel_size: auto` resolved as the driver will on GPUs."""
+    resources = spec.resources
+    if resources.accelerator == "cpu":
+        raise SpecError("resources.accelerator: found 'cpu'; `render k8s` writes GPU workers. Use `auto` or `gpu`")
+    tensor_parallel = resources.tensor_parallel_size
+    if tensor_parallel == "auto":
+        variant = get_variant(spec.model.catalog_name)
+        max_model_len = spec.model.max_model_len or variant.context_length
+        tensor_parallel = gpu_plan(spec, variant, max_model_len, gpus_per_worker).tensor_parallel_size
+    return tensor_parallel, resources.replicas
+
+
+def _head_group(image: str, configmap: str, labels: dict[str, str]) -> dict[str, Any]:
+    """The head: runs the driver only (no CPUs for tasks), with the spec mounted at /specs."""
+    container = _container("ray-head", image, cpus=HEAD_CPUS, memory_gib=HEAD_MEMORY_GIB, gpus=0)
+    container["ports"] = [{"containerPort": 6379, "name": "gcs-server"}, {"containerPort": 8265, "name": "dashboard"},
+                          {"containerPort": 10001, "name": "client"}]
+    container["volumeMounts"].append({"name": "specs", "mountPath": SPEC_MOUNT, "readOnly": True})
+    return {
+        "rayStartParams": {"num-cpus": "0"},
+        "template": {
+            "metadata": {"labels": labels},
+            "spec": {
+                "containers": [container],
+                "volumes": [_shm_volume(), {"name": "specs", "configMap": {"name": configmap}}],
+            },
+        },
+    }
+
+
+def _worker_group(image: str, pods: int, gpus: int, labels: dict[str, str]) -> dict[str, Any]:
+    """A fixed-size GPU worker group: the driver sizes the job to the GPUs present when it starts."""
+    container = _container("ray-worker", image, cpus=CPUS_PER_GPU * gpus, memory_gib=MEMORY_GIB_PER_GPU * gpus,
+                           gpus=gpus)
+    return {
+        "groupName": "gpu",
+        "replicas": pods,
+        "minReplicas": pods,
+        "maxReplicas": pods,
+        "rayStartParams": {},
+        "template": {
+            "metadata": {"labels": labels},
+            "spec": {
+                "containers": [container],
+                "volumes": [_shm_volume()],
+                "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+            },
+        },
+    }
+
+
+def _container(name: str, image: str, *, cpus: int, memory_gib: int, gpus: int) -> dict[str, Any]:
+    """A Ray container with equal requests and limits, the optional `qwen-batch-env` Secret and a large /dev/shm."""
+    amounts: dict[str, str] = {"cpu": str(cpus), "memory": f"{memory_gib}Gi"}
+    if gpus:
+        amounts["nvidia.com/gpu"] = str(gpus)
+    return {
+        "name": name,
+        "image": image,
+        "envFrom": [{"secretRef": {"name": "qwen-batch-env", "optional": True}}],
+        "resources": {"requests": dict(amounts), "limits": dict(amounts)},
+        "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}],
+    }
+
+
+def _shm_volume() -> dict[str, Any]:
+    return {"name": "dshm", "emptyDir": {"medium": "Memory"}}
+
+
+def _labels(spec: JobSpec) -> dict[str, str]:
+    return {"app.kubernetes.io/name": "qwen-batch", "app.kubernetes.io/instance": rayjob_name(spec.name)}
+
+
+class _BlockDumper(yaml.SafeDumper):
+    """Safe YAML with multi-line strings as `|` blocks, so the spec inside the ConfigMap reads as written."""
+
+
+def _str_block(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style="|" if "\n" in value else None)
+
+
+_BlockDumper.add_representer(str, _str_block)
+
+
+def _secret_fields(fields: Any, redacted: Any, where: str = "") -> list[str]:
+    """Dotted paths of the values `redact` hides."""
+    if fields == redacted:
+        return []
+    if isinstance(fields, dict) and isinstance(redacted, dict):
+        return [path for key, value in fields.items()
+                for path in _secret_fields(value, redacted[key], f"{where}.{key}" if where else key)]
+    if isinstance(fields, list) and isinstance(redacted, list):
+        return [path for index, value in enumerate(fields)
+                for path in _secret_fields(value, redacted[index], f"{where}[{index}]")]
+    return [where]

@@ -1,0 +1,69 @@
+"""Engine placement and settings come from the spec and the cluster, never from assuming a CPU."""
+
+from __future__ import annotations
+
+import pytest
+
+from cluster.resources import ENGINE_MAX_RESTARTS, plan_replicas
+from schemas.catalog import get_variant
+from schemas.errors import SpecError
+from schemas.spec import load_spec
+
+BASE = {"name": "j", "input": {"path": "x", "format": "jsonl"}, "prompt": {"template": "{t}"},
+        "output": {"path": "y"}}
+
+
+def spec(variant: str = "qwen2.5-7b-instruct", **sections):
+    return load_spec({**BASE, "model": {"variant": variant}, **sections})
+
+
+def test_cpu_cluster_runs_one_in_process_engine_per_replica_with_all_cores():
+    plan = plan_replicas(spec("tiny-qwen2", resources={"replicas": 2}), get_variant("tiny-qwen2"), 512, 0)
+    assert (plan.accelerator, plan.tensor_parallel_size, plan.replicas, plan.accelerators) == ("cpu", 1, 2, 2)
+    assert plan.llm_kwargs["distributed_executor_backend"] == "uni" and plan.llm_kwargs["enforce_eager"] is True
+    assert plan.llm_kwargs["dtype"] == "float32"
+    assert plan.env["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0" and int(plan.env["OMP_NUM_THREADS"]) >= 1
+    assert plan.ray_remote_args["runtime_env"] == {"env_vars": plan.env}
+    assert "num_gpus" not in plan.ray_remote_args
+    assert plan.ray_remote_args["max_restarts"] == ENGINE_MAX_RESTARTS
+
+
+def test_cpu_tensor_parallel_uses_mp_workers_bound_to_separate_cores():
+    plan = plan_replicas(spec("tiny-qwen2", resources={"tensor_parallel_size": 2}), get_variant("tiny-qwen2"), 512, 0)
+    assert plan.llm_kwargs["distributed_executor_backend"] == "mp"
+    assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in plan.env
+    assert len(plan.env["VLLM_CPU_OMP_THREADS_BIND"].split("|")) == 2
+
+
+def test_gpu_cluster_plans_tensor_parallelism_from_the_catalog():
+    variant = get_variant("qwen2.5-72b-instruct")
+    plan = plan_replicas(spec("qwen2.5-72b-instruct", model={"variant": "qwen2.5-72b-instruct", "max_model_len": 8192}),
+                         variant, 8192, 8)
+    assert plan.accelerator == "gpu" and plan.tensor_parallel_size == 4
+    assert plan.llm_kwargs["distributed_executor_backend"] == "mp" and plan.llm_kwargs["enforce_eager"] is False
+    assert plan.llm_kwargs["dtype"] == "bfloat16" and plan.ray_remote_args["num_gpus"] == 4
+    assert "VLLM_CPU_KVCACHE_SPACE" not in plan.env and "OMP_NUM_THREADS" not in plan.env
+
+
+def test_ray_backend_leaves_the_gpus_to_vllms_placement_group():
+    plan = plan_replicas(spec(engine={"executor_backend": "ray"}, resources={"tensor_parallel_size": 2}),
+                         get_variant("qwen2.5-7b-instruct"), 4096, 2)
+    assert plan.llm_kwargs["distributed_executor_backend"] == "ray" and plan.ray_remote_args["num_gpus"] == 0
+
+
+def test_more_replicas_than_gpus_is_a_spec_error():
+    with pytest.raises(SpecError, match="need 4 GPUs; the Ray cluster has 2"):
+        plan_replicas(spec(resources={"replicas": 4}), get_variant("qwen2.5-7b-instruct"), 4096, 2)
+
+
+def test_tensor_parallel_size_must_divide_attention_heads():
+    with pytest.raises(SpecError, match="tensor_parallel_size"):
+        plan_replicas(spec("tiny-qwen2", resources={"tensor_parallel_size": 3}), get_variant("tiny-qwen2"), 512, 0)
+
+
+def test_engine_settings_from_the_spec_override_the_defaults():
+    plan = plan_replicas(spec(engine={"enforce_eager": True, "extra_args": {"enable_prefix_caching": False},
+                                      "env": {"VLLM_LOGGING_LEVEL": "WARNING"}}),
+                         get_variant("qwen2.5-7b-instruct"), 4096, 1)
+    assert plan.llm_kwargs["enforce_eager"] is True and plan.llm_kwargs["enable_prefix_caching"] is False
+    assert plan.env["VLLM_LOGGING_LEVEL"] == "WARNING"
