@@ -116,8 +116,9 @@ def _replica_shape(spec: JobSpec, gpus_per_worker: int) -> tuple[int, int]:
         raise SpecError("resources.accelerator: found 'cpu'; `render k8s` writes GPU workers. Use `auto` or `gpu`")
     tensor_parallel = resources.tensor_parallel_size
     if tensor_parallel == "auto":
-        variant = get_variant(spec.model.catalog_name)
-        max_model_len = spec.model.max_model_len or variant.context_length
+        model = spec.variants[0]
+        variant = get_variant(model.catalog_name)
+        max_model_len = model.max_model_len or variant.context_length
         tensor_parallel = gpu_plan(spec, variant, max_model_len, gpus_per_worker).tensor_parallel_size
     return tensor_parallel, resources.replicas
 

@@ -10,7 +10,7 @@ from typing import Any, Literal
 from cluster.planner import GPU_TYPES, VariantPlan, plan_variant
 from schemas.catalog import ModelVariant
 from schemas.errors import SpecError
-from schemas.spec import JobSpec
+from schemas.spec import JobSpec, ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +38,9 @@ class ReplicaPlan:
         return per_replica * self.replicas
 
 
-def plan_replicas(spec: JobSpec, variant: ModelVariant, max_model_len: int, gpus_in_cluster: int) -> ReplicaPlan:
-    """Accelerator, tensor parallelism, executor backend and engine settings for the job's variant."""
+def plan_replicas(spec: JobSpec, model: ModelSpec, variant: ModelVariant, max_model_len: int,
+                  gpus_in_cluster: int) -> ReplicaPlan:
+    """Accelerator, tensor parallelism, executor backend and engine settings for one model of the job."""
     resources, engine = spec.resources, spec.engine
     accelerator = resources.accelerator
     if accelerator == "auto":
@@ -62,10 +63,16 @@ def plan_replicas(spec: JobSpec, variant: ModelVariant, max_model_len: int, gpus
         "tensor_parallel_size": tp,
         "distributed_executor_backend": backend,
         "max_model_len": max_model_len,
-        "dtype": variant.dtype if spec.model.dtype == "auto" else spec.model.dtype,
+        "dtype": variant.dtype if model.dtype == "auto" else model.dtype,
         "enforce_eager": engine.enforce_eager if engine.enforce_eager is not None else accelerator == "cpu",
         "seed": spec.sampling.seed or 0,
     }
+    if model.thinking_budget is not None:
+        llm_kwargs["reasoning_config"] = {"reasoning_parser": "qwen3"}
+    if spec.response_format is not None:
+        # JSON from a weak or random model pads whitespace until max_tokens unless the grammar forbids it; the
+        # per-request flag is ignored, so it is set for the engine.
+        llm_kwargs["structured_outputs_config"] = {"backend": "xgrammar", "disable_any_whitespace": True}
     if engine.max_num_seqs is not None:
         llm_kwargs["max_num_seqs"] = engine.max_num_seqs
     env: dict[str, str] = {}

@@ -19,13 +19,13 @@ from pathlib import Path
 
 from pipelines import storage
 from pipelines.engine import EngineConfig
-from pipelines.prompts import PromptConfig
+from pipelines.prompts import PromptConfig, Routes
 from pipelines.read import ReadConfig, Shard, input_columns, plan_shards
 from pipelines.write import Layout, WriteConfig, read_commit
 from schemas.catalog import ModelVariant, get_variant
 from schemas.errors import SpecError
 from schemas.results import RESULT_COLUMNS, CommitRecord, JobManifest, RunRecord, Totals
-from schemas.spec import JobSpec
+from schemas.spec import JobSpec, ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -41,35 +41,47 @@ def model_dir() -> Path:
 
 
 @dataclass(frozen=True)
+class ModelPlan:
+    """One model of a job: what it is, what the engine loads, and which shards it has committed."""
+
+    spec: ModelSpec
+    variant: ModelVariant
+    model: str
+    max_model_len: int
+    committed: frozenset[str]
+
+    @property
+    def name(self) -> str:
+        """The model's name in the output."""
+        return self.spec.output_name
+
+
+@dataclass(frozen=True)
 class JobPlan:
     """Everything `run` needs, decided before any engine starts."""
 
     spec: JobSpec
     job_id: str
-    variant: ModelVariant
-    model: str
-    max_model_len: int
     layout: Layout
     shards: list[Shard]
     bad_files: list[str]
-    committed: frozenset[str]
+    models: list[ModelPlan]
 
-    @property
-    def todo(self) -> list[Shard]:
-        """Shards not committed yet."""
-        return [s for s in self.shards if s.shard_id not in self.committed]
+    def todo(self, model: ModelPlan) -> list[Shard]:
+        """Shards the model has not committed yet."""
+        return [s for s in self.shards if s.shard_id not in model.committed]
 
     @property
     def rows(self) -> int:
-        """Rows in the whole plan."""
+        """Input rows in the whole plan."""
         return sum(s.row_count for s in self.shards)
 
 
-def resolve_model(spec: JobSpec) -> tuple[ModelVariant, str]:
+def resolve_model(model: ModelSpec) -> tuple[ModelVariant, str]:
     """The catalog entry whose facts and prices apply, and what the engine loads (a local folder or a hub id)."""
-    variant = get_variant(spec.model.catalog_name)
-    if spec.model.path is not None:
-        return variant, spec.model.path
+    variant = get_variant(model.catalog_name)
+    if model.path is not None:
+        return variant, model.path
     local = model_dir() / variant.hf_id
     if local.is_dir():
         return variant, str(local)
@@ -81,40 +93,60 @@ def resolve_model(spec: JobSpec) -> tuple[ModelVariant, str]:
 
 
 def plan_job(spec: JobSpec, *, overwrite: bool = False) -> JobPlan:
-    """Check the spec against the input, the model and the output, and plan the shards; SpecError on any problem."""
+    """Check the spec against the input, the models and the output, and plan the shards; SpecError on any problem."""
     problems: list[str] = []
-    variant, model = resolve_model(spec)
-    max_model_len = spec.model.max_model_len or variant.context_length
-    if max_model_len > variant.context_length:
-        problems.append(f"model.max_model_len: found {max_model_len}; {variant.name} supports at most "
-                        f"{variant.context_length}")
-    if spec.sampling.max_tokens >= max_model_len:
-        problems.append(f"sampling.max_tokens: found {spec.sampling.max_tokens}; it must be below max_model_len "
-                        f"{max_model_len} to leave room for the prompt")
+    resolved = []
+    for where, model in _model_fields(spec):
+        variant, loads = resolve_model(model)
+        max_model_len = model.max_model_len or variant.context_length
+        if max_model_len > variant.context_length:
+            problems.append(f"{where}.max_model_len: found {max_model_len}; {variant.name} supports at most "
+                            f"{variant.context_length}")
+        if spec.sampling.max_tokens >= max_model_len:
+            problems.append(f"sampling.max_tokens: found {spec.sampling.max_tokens}; it must be below {where} "
+                            f"max_model_len {max_model_len} to leave room for the prompt")
+        if model.thinking == "on" and not variant.thinking:
+            problems.append(f"{where}.thinking: found 'on'; {variant.name} has no thinking mode")
+        resolved.append((model, variant, loads, max_model_len))
     clashing = sorted(set(spec.input.carry_columns) & RESULT_COLUMNS)
     if clashing:
         problems.append(f"input.carry_columns: {clashing} clash with output columns of the same name; rename them")
     files = storage.list_files(spec.input.path, spec.input.storage_options)
-    needed = [c for c in (spec.input.id_column, *spec.prompt.columns, *spec.input.carry_columns) if c]
+    needed = [c for c in (spec.input.id_column, *prompt_columns(spec), *spec.input.carry_columns) if c]
     for info in files[:1] if spec.input.format != "parquet" else files:
         columns = input_columns(spec.input, info)
         missing = [c for c in needed if columns is not None and c not in columns]
         if missing:
             problems.append(f"input file {info.url} has no column(s) {missing} that the spec uses "
-                            f"(prompt, input.id_column or input.carry_columns); it has {columns}")
+                            f"(prompt, route_column, input.id_column or input.carry_columns); it has {columns}")
     if problems:
         raise SpecError(problems)
     layout = Layout(spec.output.path.rstrip("/"))
     job_id = f"{spec.name}-{spec.output_hash()}"
     _check_output(spec, layout, job_id, overwrite)
     shards, bad_files = plan_shards(spec.input, files)
-    committed = _committed(layout, variant.name, spec)
-    stale = committed - {s.shard_id for s in shards}
-    if stale:
-        raise SpecError(f"output.path {layout.output} holds {len(stale)} committed shard(s) that are not in today's "
-                        "plan: the input changed since the job's first run. Write to a new output path, or rerun "
-                        "with --overwrite to start over.")
-    return JobPlan(spec, job_id, variant, model, max_model_len, layout, shards, bad_files, frozenset(committed))
+    planned = {s.shard_id for s in shards}
+    models = []
+    for model, variant, loads, max_model_len in resolved:
+        committed = _committed(layout, model.output_name, spec)
+        if committed - planned:
+            raise SpecError(f"output.path {layout.output} holds {len(committed - planned)} committed shard(s) that "
+                            "are not in today's plan: the input changed since the job's first run. Write to a new "
+                            "output path, or rerun with --overwrite to start over.")
+        models.append(ModelPlan(model, variant, loads, max_model_len, frozenset(committed)))
+    return JobPlan(spec, job_id, layout, shards, bad_files, models)
+
+
+def _model_fields(spec: JobSpec) -> list[tuple[str, ModelSpec]]:
+    """Each model with the field path errors should name."""
+    if spec.models is None:
+        return [("model", spec.variants[0])]
+    return [(f"models.{index}", model) for index, model in enumerate(spec.models)]
+
+
+def prompt_columns(spec: JobSpec) -> list[str]:
+    """Input columns the prompt stage reads: the prompt's, and the route column."""
+    return [*spec.prompt.columns, *([spec.route_column] if spec.route_column else [])]
 
 
 def _check_output(spec: JobSpec, layout: Layout, job_id: str, overwrite: bool) -> None:
@@ -151,54 +183,95 @@ def run_job(spec: JobSpec, *, address: str | None = None, overwrite: bool = Fals
 
     started_at, started = _now(), time.monotonic()
     plan = plan_job(spec, overwrite=overwrite)
-    todo = plan.todo
-    log.info("job %s: %d shards, %d rows; %d already committed, %d to run", plan.job_id, len(plan.shards),
-             plan.rows, len(plan.committed), len(todo))
     run_id = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
-    committed_now, accelerators = 0, 0
-    if todo:
+    work = [(model, plan.todo(model)) for model in plan.models]
+    for model, todo in work:
+        log.info("job %s, model %s: %d shards, %d rows; %d already committed, %d to run", plan.job_id, model.name,
+                 len(plan.shards), plan.rows, len(model.committed), len(todo))
+    committed_now, accelerator_seconds, accelerators = 0, 0.0, 0
+    if any(todo for _, todo in work):
         with ray_cluster(address):
-            replicas = plan_replicas(spec, plan.variant, plan.max_model_len, cluster_gpus())
-            accelerators = replicas.accelerators
-            dataset = build_dataset(todo, *stage_configs(plan, run_id, replicas.llm_kwargs), replicas, spec.resources.batches_in_flight)
-            rows_total = sum(s.row_count for s in todo)
-            rows_done = tokens = 0
-            for summary in dataset.iter_rows():
-                committed_now += 1
-                rows_done += summary["rows"]
-                tokens += summary["completion_tokens"]
-                elapsed = time.monotonic() - started
-                log.info("shard %d/%d committed: %d/%d rows, %d errors in shard, %.0f output tok/s", committed_now,
-                         len(todo), rows_done, rows_total, summary["rows_failed"], tokens / max(elapsed, 1e-9))
+            for model, todo in work:
+                if not todo:
+                    continue
+                model_started = time.monotonic()
+                replicas = plan_replicas(spec, model.spec, model.variant, model.max_model_len, cluster_gpus())
+                dataset = build_dataset(todo, *stage_configs(plan, model, run_id, replicas.llm_kwargs), replicas,
+                                        spec.resources.batches_in_flight)
+                committed_now += _follow(dataset, model.name, todo, model_started)
+                accelerators = max(accelerators, replicas.accelerators)
+                accelerator_seconds += replicas.accelerators * (time.monotonic() - model_started)
     wall = time.monotonic() - started
     run = RunRecord(run_id=run_id, started_at=started_at, finished_at=_now(), wall_seconds=wall,
-                    shards_planned=len(plan.shards), shards_skipped=len(plan.committed),
+                    shards_planned=len(plan.shards) * len(plan.models),
+                    shards_skipped=sum(len(m.committed) for m in plan.models),
                     shards_committed=committed_now, accelerators=accelerators,
-                    accelerator_seconds=accelerators * wall if todo else 0.0)
+                    accelerator_seconds=accelerator_seconds)
     options = spec.output.storage_options
     storage.write_bytes(plan.layout.url(f"{RUNS_DIR}/{run_id}.json"), run.model_dump_json().encode(), options)
     return write_manifest(plan)
 
 
-def stage_configs(plan: JobPlan, run_id: str, llm_kwargs: dict) -> tuple[ReadConfig, PromptConfig, EngineConfig, WriteConfig]:
-    """The per-stage settings of a planned job."""
-    spec, variant = plan.spec, plan.variant
-    prompt = PromptConfig(tokenizer=plan.model, system=spec.prompt.system, template=spec.prompt.template,
-                          messages_column=spec.prompt.messages_column, max_model_len=plan.max_model_len,
-                          max_tokens=spec.sampling.max_tokens)
-    engine = EngineConfig(model=plan.model, llm_kwargs=llm_kwargs, sampling=sampling_params(spec, variant),
-                          seed=spec.sampling.seed)
-    write = WriteConfig(layout=plan.layout, storage_options=spec.output.storage_options, variant=variant.name,
-                        model=plan.model if spec.model.path else variant.hf_id,
+def _follow(dataset, model: str, todo: list[Shard], started: float) -> int:
+    """Run the dataset, logging each committed shard; the number of shards committed."""
+    rows_total = sum(s.row_count for s in todo)
+    done = committed = rows_done = tokens = 0
+    for summary in dataset.iter_rows():
+        done += 1
+        committed += summary["committed"]
+        rows_done += summary["rows"]
+        tokens += summary["completion_tokens"]
+        log.info("%s: shard %d/%d done: %d/%d rows, %d errors in shard, %.0f output tok/s", model, done,
+                 len(todo), rows_done, rows_total, summary["rows_failed"],
+                 tokens / max(time.monotonic() - started, 1e-9))
+    return committed
+
+
+def stage_configs(plan: JobPlan, model: ModelPlan, run_id: str,
+                  llm_kwargs: dict) -> tuple[ReadConfig, PromptConfig, EngineConfig, WriteConfig]:
+    """The per-stage settings of one model of a planned job."""
+    spec, variant, thinking = plan.spec, model.variant, model.spec.thinking == "on"
+    routes = None
+    if spec.route_column is not None:
+        names = {m.variant.name: m.name for m in plan.models} | {m.name: m.name for m in plan.models}
+        routes = Routes(spec.route_column, model.name, names, owns_unknown=model is plan.models[0])
+    prompt = PromptConfig(
+        tokenizer=model.model, system=spec.prompt.system, template=spec.prompt.template,
+        messages_column=spec.prompt.messages_column, max_model_len=model.max_model_len,
+        max_tokens=spec.sampling.max_tokens, routes=routes,
+        chat_template_kwargs={"enable_thinking": thinking} if variant.thinking else {},
+        # Open the <think> block in the prompt: the model reasons from its first token, and a random-weight test
+        # model (which never writes <think> itself) exercises the same path.
+        generation_suffix="<think>\n" if thinking else "",
+    )
+    response = spec.response_format
+    engine = EngineConfig(
+        model=model.model, llm_kwargs=llm_kwargs, sampling=sampling_params(spec, variant, thinking), seed=spec.sampling.seed,
+        thinking=thinking, thinking_budget=model.spec.thinking_budget,
+        structured=None if response is None else
+        {"choice": response.labels} if response.labels else
+        {"json": response.json_schema} if response.json_schema else {"regex": response.regex},
+    )
+    write = WriteConfig(layout=plan.layout, storage_options=spec.output.storage_options, variant=model.name,
+                        model=model.model if model.spec.path else variant.hf_id,
                         input_per_mtok=_or(spec.prices.input_per_mtok, variant.input_per_mtok),
-                        output_per_mtok=_or(spec.prices.output_per_mtok, variant.output_per_mtok),
-                        carry_columns=tuple(spec.input.carry_columns), run_id=run_id)
-    return ReadConfig.of(spec.input, spec.prompt.columns), prompt, engine, write
+                        output_per_mtok=_or(spec.prices.output_per_mtok, output_price(variant, thinking)),
+                        carry_columns=tuple(spec.input.carry_columns), run_id=run_id,
+                        response_format=None if response is None else response.model_dump(exclude_none=True))
+    return ReadConfig.of(spec.input, prompt_columns(spec)), prompt, engine, write
 
 
-def sampling_params(spec: JobSpec, variant: ModelVariant) -> dict:
-    """vLLM SamplingParams keywords: the spec's values, else the variant's recommended ones."""
-    given, recommended = spec.sampling, variant.sampling
+def output_price(variant: ModelVariant, thinking: bool) -> float:
+    """List price per 1M output tokens; thinking output is billed higher where the host says so."""
+    if thinking and variant.thinking_output_per_mtok is not None:
+        return variant.thinking_output_per_mtok
+    return variant.output_per_mtok
+
+
+def sampling_params(spec: JobSpec, variant: ModelVariant, thinking: bool) -> dict:
+    """vLLM SamplingParams keywords: the spec's values, else the variant's recommended ones for the mode."""
+    given = spec.sampling
+    recommended = variant.thinking_sampling if thinking and variant.thinking_sampling else variant.sampling
     return {
         "max_tokens": given.max_tokens,
         "temperature": _or(given.temperature, recommended.temperature),
@@ -233,6 +306,7 @@ def write_manifest(plan: JobPlan) -> JobManifest:
         rows_failed=totals.rows_failed, totals=totals, per_variant=per_variant, bad_files=plan.bad_files, runs=runs,
         wall_seconds=sum(r.wall_seconds for r in runs), engine_seconds=totals.engine_seconds,
         output_tokens_per_s=totals.completion_tokens / totals.engine_seconds if totals.engine_seconds else 0.0,
+        structured_validity_rate=_validity_rate(spec, totals),
         list_price_cost_usd=totals.cost_usd, accelerator_seconds=accelerator_seconds,
         accelerator_hour_usd=spec.prices.accelerator_hour, compute_cost_usd=compute_cost,
         savings_usd=totals.cost_usd - compute_cost, versions=versions(),
@@ -241,9 +315,18 @@ def write_manifest(plan: JobPlan) -> JobManifest:
     return manifest
 
 
+def _validity_rate(spec: JobSpec, totals: Totals) -> float | None:
+    """Share of the rows the engine answered whose answer satisfied the response format."""
+    if spec.response_format is None:
+        return None
+    invalid = totals.errors_by_type.get("invalid_structured_output", 0)
+    answered = totals.parsed_rows + invalid
+    return totals.parsed_rows / answered if answered else None
+
+
 def _is_complete(plan: JobPlan, records: list[CommitRecord]) -> bool:
-    done = {r.shard_id for r in records if r.variant == plan.variant.name}
-    return all(s.shard_id in done for s in plan.shards)
+    done = {(r.variant, r.shard_id) for r in records}
+    return all((m.name, s.shard_id) in done for m in plan.models for s in plan.shards)
 
 
 def _read_all(urls: list[str], options: dict) -> list[bytes]:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from statistics import fmean
 
 from cluster.planner import GPU_TYPES, estimate_run, plan_variant
-from jobs.driver import JobPlan, model_dir, plan_job, stage_configs
+from jobs.driver import JobPlan, ModelPlan, model_dir, plan_job, stage_configs
 from pipelines.prompts import PromptStage
 from pipelines.read import read_shard
 from schemas.errors import SpecError
@@ -21,42 +22,45 @@ def estimate_job(spec: JobSpec, gpu_type: str, gpus: int) -> str:
     if gpu is None:
         raise SpecError(f"--gpu-type: found {gpu_type!r}; expected one of {sorted(GPU_TYPES)}")
     plan = plan_job(spec)
-    tokenizer, note = sample_tokenizer(plan)
-    prompt_tokens = sample_prompt_tokens(plan, tokenizer)
+    lines = [f"job {plan.job_id}: {plan.rows:,} rows in {len(plan.shards):,} shards"]
     explicit = spec.resources.tensor_parallel_size
-    variant_plan = plan_variant(plan.variant, gpu, gpus, plan.max_model_len, spec.engine.gpu_memory_utilization,
-                                tensor_parallel_size=None if explicit == "auto" else explicit)
-    run = estimate_run(variant_plan, gpu, plan.rows, fmean(prompt_tokens) if prompt_tokens else 0.0,
-                       spec.sampling.max_tokens)
-    return "\n".join([
-        f"job {plan.job_id}: {plan.rows:,} rows in {len(plan.shards):,} shards, {len(plan.todo):,} to run",
-        variant_plan.summary(),
-        f"prompt tokens: {fmean(prompt_tokens) if prompt_tokens else 0:.1f} per row over a sample of "
-        f"{len(prompt_tokens)} rows ({note}); output tokens: at most {spec.sampling.max_tokens} per row",
-        f"estimate (roofline, an upper bound on output): {run.output_tokens_per_s:,.0f} output tok/s over "
-        f"{variant_plan.replicas} replica(s), {run.hours:.2f} h wall, {run.gpu_hours:.2f} GPU-hours",
-        f"cost: ${run.compute_cost_usd:,.2f} compute at ${gpu.usd_per_hour}/GPU-hour vs "
-        f"${run.list_price_cost_usd:,.2f} at {plan.variant.name} list prices",
-    ])
+    for model in plan.models:
+        tokenizer, note = sample_tokenizer(model)
+        prompt_tokens = sample_prompt_tokens(plan, model, tokenizer)
+        mean_prompt = fmean(prompt_tokens) if prompt_tokens else 0.0
+        variant_plan = plan_variant(model.variant, gpu, gpus, model.max_model_len, spec.engine.gpu_memory_utilization,
+                                    tensor_parallel_size=None if explicit == "auto" else explicit)
+        run = estimate_run(variant_plan, gpu, plan.rows, mean_prompt, spec.sampling.max_tokens)
+        lines += [
+            f"{model.name}: {len(plan.todo(model)):,} shards to run",
+            variant_plan.summary(),
+            f"prompt tokens: {mean_prompt:.1f} per row over a sample of {len(prompt_tokens)} rows ({note}); output "
+            f"tokens: at most {spec.sampling.max_tokens} per row",
+            f"estimate (roofline, output at max_tokens): {run.output_tokens_per_s:,.0f} output tok/s over "
+            f"{variant_plan.replicas} replica(s), {run.hours:.2f} h wall, {run.gpu_hours:.2f} GPU-hours",
+            f"cost: ${run.compute_cost_usd:,.2f} compute at ${gpu.usd_per_hour}/GPU-hour vs "
+            f"${run.list_price_cost_usd:,.2f} at {model.variant.name} list prices",
+        ]
+    return "\n".join(lines)
 
 
-def sample_tokenizer(plan: JobPlan) -> tuple[str, str]:
+def sample_tokenizer(model: ModelPlan) -> tuple[str, str]:
     """The variant's tokenizer if it is local, else the tiny test model of its family (same BPE, same template)."""
-    if Path(plan.model).is_dir():
-        return plan.model, f"tokenized with {plan.model}"
+    if Path(model.model).is_dir():
+        return model.model, f"tokenized with {model.model}"
     from jobs.tiny_model import make_tiny_model
 
-    arch = "qwen3" if plan.variant.architecture.startswith("Qwen3") else "qwen2"
+    arch = "qwen3" if model.variant.architecture.startswith("Qwen3") else "qwen2"
     folder = model_dir() / "qwen-batch" / f"tiny-{arch}"
     if not (folder / "tokenizer.json").exists():
         make_tiny_model(arch, folder)
-    return str(folder), f"{plan.variant.hf_id} is not local: tokenized with tiny-{arch}, the same Qwen BPE and template"
+    return str(folder), f"{model.variant.hf_id} is not local: tokenized with tiny-{arch}, the same Qwen BPE and template"
 
 
-def sample_prompt_tokens(plan: JobPlan, tokenizer: str) -> list[int]:
+def sample_prompt_tokens(plan: JobPlan, model: ModelPlan, tokenizer: str) -> list[int]:
     """Prompt token counts of the first rows of the input, through the job's own read and prompt stages."""
-    read, prompt, _, _ = stage_configs(plan, run_id="plan", llm_kwargs={})
-    stage = PromptStage(prompt.__class__(**{**prompt.__dict__, "tokenizer": tokenizer}))
+    read, prompt, _, _ = stage_configs(plan, model, run_id="plan", llm_kwargs={})
+    stage = PromptStage(replace(prompt, tokenizer=tokenizer))
     counts: list[int] = []
     for shard in plan.shards:
         block = stage(read_shard(shard, read))

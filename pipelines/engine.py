@@ -24,6 +24,9 @@ class EngineConfig:
     llm_kwargs: dict[str, Any]
     sampling: dict[str, Any]
     seed: int | None
+    thinking: bool = False
+    thinking_budget: int | None = None
+    structured: dict[str, Any] | None = None
 
 
 class EngineStage(Stage):
@@ -32,11 +35,14 @@ class EngineStage(Stage):
     requires = {
         "id": "row id, which seeds the row's sampling",
         "prompt_token_ids": "token ids of the chat-templated prompt, null for error rows",
+        "_skip": "true for rows another model of the job answers",
         "_error_type": "error class of a row that already failed, else null",
         "_error": "message of a row that already failed, else null",
     }
     produces = {
-        "generated_text": "decoded completion",
+        "generated_text": "decoded answer (after the reasoning block, if any)",
+        "reasoning_text": "decoded reasoning block without its tags, null when not thinking",
+        "reasoning_tokens": "generated tokens up to and including the `</think>` token",
         "completion_token_ids": "token ids the engine generated",
         "finish_reason": "`stop`, `length`, or `error`",
         "prompt_tokens": "prompt length as the engine counted it",
@@ -50,26 +56,35 @@ class EngineStage(Stage):
         started = time.monotonic()
         self.config = config
         self.llm = LLM(model=config.model, **config.llm_kwargs)
+        self.tokenizer = self.llm.get_tokenizer()
+        self.think_end = self.tokenizer.convert_tokens_to_ids("</think>") if config.thinking else None
         log.info("engine for %s ready in %.1f s", config.model, time.monotonic() - started)
 
     def __call__(self, block: pa.Table) -> pa.Table:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import StructuredOutputsParams
 
         self.check(block)
+        config = self.config
         error_types = block.column("_error_type").to_pylist()
         errors = block.column("_error").to_pylist()
         ids = block.column("id").to_pylist()
-        todo = [i for i, error_type in enumerate(error_types) if error_type is None]
+        skip = block.column("_skip").to_pylist()
+        todo = [i for i, error_type in enumerate(error_types) if error_type is None and not skip[i]]
         token_lists = block.column("prompt_token_ids").to_pylist()
         prompts = [TokensPrompt(prompt_token_ids=token_lists[i]) for i in todo]
-        params = [SamplingParams(**self.config.sampling, seed=row_seed(self.config.seed, ids[i])) for i in todo]
+        structured = StructuredOutputsParams(**config.structured) if config.structured else None
+        params = [SamplingParams(**config.sampling, seed=row_seed(config.seed, ids[i]), structured_outputs=structured,
+                                 thinking_token_budget=config.thinking_budget) for i in todo]
         started = time.monotonic()
         outputs = self._generate(prompts, params)
         engine_seconds = time.monotonic() - started
 
         count = block.num_rows
         text: list[str | None] = [None] * count
+        reasoning: list[str | None] = [None] * count
+        reasoning_tokens = [0] * count
         completion_ids: list[list[int]] = [[] for _ in range(count)]
         finish = ["error"] * count
         prompt_tokens = [0] * count
@@ -79,8 +94,11 @@ class EngineStage(Stage):
                 error_types[index], errors[index] = "engine_error", f"the engine rejected this row: {output}"
                 continue
             completion = output.outputs[0]
-            text[index] = completion.text
             completion_ids[index] = list(completion.token_ids)
+            if self.think_end is None:
+                text[index] = completion.text
+            else:
+                reasoning_tokens[index], reasoning[index], text[index] = self.split_reasoning(completion_ids[index])
             finish[index] = completion.finish_reason or "stop"
             prompt_tokens[index] = len(output.prompt_token_ids)
             cached[index] = output.num_cached_tokens or 0
@@ -88,12 +106,21 @@ class EngineStage(Stage):
             block.set_column(block.schema.get_field_index("_error_type"), "_error_type", pa.array(error_types, pa.string()))
             .set_column(block.schema.get_field_index("_error"), "_error", pa.array(errors, pa.string()))
             .append_column("generated_text", pa.array(text, pa.string()))
+            .append_column("reasoning_text", pa.array(reasoning, pa.string()))
+            .append_column("reasoning_tokens", pa.array(reasoning_tokens, pa.int64()))
             .append_column("completion_token_ids", pa.array(completion_ids, pa.list_(pa.int32())))
             .append_column("finish_reason", pa.array(finish, pa.string()))
             .append_column("prompt_tokens", pa.array(prompt_tokens, pa.int64()))
             .append_column("cached_tokens", pa.array(cached, pa.int64()))
             .append_column("_engine_seconds", pa.array([engine_seconds] * count, pa.float64()))
         )
+
+    def split_reasoning(self, token_ids: list[int]) -> tuple[int, str, str]:
+        """(reasoning tokens, reasoning text, answer text), split at the `</think>` token; all reasoning if absent."""
+        end = token_ids.index(self.think_end) + 1 if self.think_end in token_ids else len(token_ids)
+        decode = self.tokenizer.decode
+        reasoning = decode(token_ids[:end], skip_special_tokens=True).replace("</think>", "").strip()
+        return end, reasoning, decode(token_ids[end:], skip_special_tokens=True).lstrip("\n")
 
     def _generate(self, prompts: list[Any], params: list[Any]) -> list[Any]:
         """Generate a batch; if the engine rejects it, isolate the rows it rejects as per-row exceptions."""

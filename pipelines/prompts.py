@@ -16,8 +16,27 @@ CHAT_ROLES = ("system", "user", "assistant")
 
 
 @dataclass(frozen=True)
+class Routes:
+    """Which rows a model answers when a column routes rows between several models."""
+
+    column: str
+    model: str
+    names: dict[str, str]
+    owns_unknown: bool
+
+    def decide(self, value: Any) -> tuple[bool, RowError | None]:
+        """(this model answers the row, the row's error if its value names no model)."""
+        target = self.names.get(value) if isinstance(value, str) else None
+        if target is None:
+            error = RowError("unknown_variant", f"column {self.column!r} is {value!r}, which names none of the job's "
+                             f"models {sorted(set(self.names.values()))}")
+            return self.owns_unknown, error
+        return target == self.model, None
+
+
+@dataclass(frozen=True)
 class PromptConfig:
-    """How rows become token ids for one variant."""
+    """How rows become token ids for one model."""
 
     tokenizer: str
     system: str | None
@@ -25,7 +44,9 @@ class PromptConfig:
     messages_column: str | None
     max_model_len: int
     max_tokens: int
+    routes: Routes | None = None
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+    generation_suffix: str = ""
 
 
 class PromptStage(Stage):
@@ -36,7 +57,10 @@ class PromptStage(Stage):
         "_error_type": "error class of a row that already failed, else null",
         "_error": "message of a row that already failed, else null",
     }
-    produces = {"prompt_token_ids": "token ids of the chat-templated prompt, null for error rows"}
+    produces = {
+        "prompt_token_ids": "token ids of the chat-templated prompt, null for error rows",
+        "_skip": "true for rows another model of the job answers",
+    }
 
     def __init__(self, config: PromptConfig):
         from transformers import AutoTokenizer
@@ -50,14 +74,23 @@ class PromptStage(Stage):
         error_types = block.column("_error_type").to_pylist()
         errors = block.column("_error").to_pylist()
         texts: dict[int, str] = {}
-        for index, (raw, error_type) in enumerate(zip(block.column("_prompt").to_pylist(), error_types)):
-            if error_type is not None:
+        skip = [False] * block.num_rows
+        for index, raw in enumerate(block.column("_prompt").to_pylist()):
+            if error_types[index] is not None:
                 continue
+            values = json.loads(raw)
             try:
+                if self.config.routes is not None:
+                    answers, error = self.config.routes.decide(values.get(self.config.routes.column))
+                    skip[index] = not answers
+                    if skip[index]:
+                        continue
+                    if error is not None:
+                        raise error
                 texts[index] = self.tokenizer.apply_chat_template(
-                    self.messages(json.loads(raw)), tokenize=False, add_generation_prompt=True,
+                    self.messages(values), tokenize=False, add_generation_prompt=True,
                     **self.config.chat_template_kwargs,
-                )
+                ) + self.config.generation_suffix
             except RowError as exc:
                 error_types[index], errors[index] = exc.error_type, str(exc)
         encoded = self.tokenizer(list(texts.values()), add_special_tokens=False)["input_ids"] if texts else []
@@ -78,6 +111,7 @@ class PromptStage(Stage):
             block.set_column(block.schema.get_field_index("_error_type"), "_error_type", pa.array(error_types, pa.string()))
             .set_column(block.schema.get_field_index("_error"), "_error", pa.array(errors, pa.string()))
             .append_column("prompt_token_ids", pa.array(token_ids, pa.list_(pa.int32())))
+            .append_column("_skip", pa.array(skip, pa.bool_()))
         )
 
     def messages(self, values: dict[str, Any]) -> list[dict[str, str]]:

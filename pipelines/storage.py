@@ -291,11 +291,22 @@ def read_bytes(
 
 @_retried
 def write_bytes(url: str, data: bytes, storage_options: dict[str, Any] | None = None) -> None:
-    """Write (or overwrite) one object; local parent folders are created."""
+    """Write (or overwrite) one object, never leaving a partial one: an S3 PUT is atomic, a local file is written
+    beside its name and renamed over it. Local parent folders are created."""
     fs, path = filesystem(url, storage_options)
-    if isinstance(fs, LocalFileSystem):
-        fs.makedirs(fs._parent(path), exist_ok=True)
-    fs.pipe_file(path, data)
+    if not isinstance(fs, LocalFileSystem):
+        fs.pipe_file(path, data)
+        return
+    folder = fs._parent(path)
+    fs.makedirs(folder, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(dir=folder, prefix=".write-")
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(data)
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
 
 
 @_retried

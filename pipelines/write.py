@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -49,6 +51,7 @@ class WriteConfig:
     output_per_mtok: float
     carry_columns: tuple[str, ...]
     run_id: str
+    response_format: dict[str, Any] | None = None
 
 
 class WriteStage(Stage):
@@ -59,9 +62,12 @@ class WriteStage(Stage):
         "id": "row id",
         "source_file": "input file",
         "source_row": "row position in the input file",
-        "generated_text": "decoded completion",
+        "generated_text": "decoded answer",
+        "reasoning_text": "decoded reasoning block, or null",
+        "reasoning_tokens": "tokens of the reasoning block",
         "completion_token_ids": "token ids the engine generated",
         "finish_reason": "`stop`, `length`, or `error`",
+        "_skip": "true for rows another model of the job answers",
         "prompt_tokens": "prompt tokens the engine counted",
         "cached_tokens": "prompt tokens from the prefix cache",
         "_error_type": "error class, or null",
@@ -84,30 +90,43 @@ class WriteStage(Stage):
             raise RuntimeError(f"a write batch must hold exactly one shard, found {len(shard_ids)}: the shard blocks "
                                "were split or merged; lower input.rows_per_shard")
         shard = shard_ids[0]
-        table = results_table(block, self.config)
         config = self.config
-        buffer = io.BytesIO()
-        pq.write_table(table, buffer, compression="zstd")
-        data_file = config.layout.data_file(config.variant, shard)
-        storage.write_bytes(config.layout.url(data_file), buffer.getvalue(), config.storage_options)
+        source_file, row_start = block.column("source_file")[0].as_py(), int(pc.min(block.column("source_row")).as_py())
+        table = results_table(block.filter(pc.invert(block.column("_skip"))), config)
+        commit_url = config.layout.commit_url(config.variant, shard)
+        if storage.exists(commit_url, config.storage_options):
+            # A retry of a shard that is already committed: its file is final, never rewrite it.
+            return _summary(shard, False, Totals.of_table(table, engine_seconds=0.0))
+        data_file = None
+        if table.num_rows:
+            buffer = io.BytesIO()
+            pq.write_table(table, buffer, compression="zstd")
+            data_file = config.layout.data_file(config.variant, shard)
+            storage.write_bytes(config.layout.url(data_file), buffer.getvalue(), config.storage_options)
         totals = Totals.of_table(table, engine_seconds=float(block.column("_engine_seconds")[0].as_py()))
-        rows = table.column("source_row")
         record = CommitRecord(
-            shard_id=shard, variant=config.variant, data_file=data_file,
-            source_file=block.column("source_file")[0].as_py(), row_start=int(pc.min(rows).as_py()),
+            shard_id=shard, variant=config.variant, data_file=data_file, source_file=source_file, row_start=row_start,
             row_count=table.num_rows, run_id=config.run_id,
             committed_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), totals=totals,
         )
-        committed = storage.create_only(config.layout.commit_url(config.variant, shard),
-                                        record.model_dump_json().encode(), config.storage_options)
-        return pa.table({
-            "shard_id": [shard], "committed": [committed], "rows": [totals.rows], "rows_failed": [totals.rows_failed],
-            "completion_tokens": [totals.completion_tokens], "cost_usd": [totals.cost_usd],
-        })
+        committed = storage.create_only(commit_url, record.model_dump_json().encode(), config.storage_options)
+        return _summary(shard, committed, totals)
+
+
+def _summary(shard: str, committed: bool, totals: Totals) -> pa.Table:
+    """The one-row result the driver follows progress with."""
+    return pa.table({
+        "shard_id": [shard], "committed": [committed], "rows": [totals.rows], "rows_failed": [totals.rows_failed],
+        "completion_tokens": [totals.completion_tokens], "cost_usd": [totals.cost_usd],
+    })
 
 
 def results_table(block: pa.Table, config: WriteConfig) -> pa.Table:
-    """The output rows of a shard, in RESULT_SCHEMA order with carried columns after, costs from token counts."""
+    """The output rows of a shard, in RESULT_SCHEMA order with carried columns after, costs from token counts.
+
+    Rows that failed before the engine carry zero tokens and cost; rows the engine answered keep their tokens and
+    cost even when their answer then fails validation, because those tokens were spent.
+    """
     count = block.num_rows
     failed = pc.is_valid(block.column("_error_type"))
     prompt_tokens = pc.if_else(failed, 0, block.column("prompt_tokens"))
@@ -115,22 +134,27 @@ def results_table(block: pa.Table, config: WriteConfig) -> pa.Table:
     completion_tokens = pc.cast(completion_tokens, pa.int64())
     input_cost = _cost(prompt_tokens, config.input_per_mtok)
     output_cost = _cost(completion_tokens, config.output_per_mtok)
+    text = pc.if_else(failed, pa.scalar(None, pa.string()), block.column("generated_text"))
+    parsed, error_types, errors = _validate(text.to_pylist(), block.column("_error_type").to_pylist(),
+                                            block.column("_error").to_pylist(), config.response_format)
     columns = {
         "id": block.column("id"),
         "variant": pa.array([config.variant] * count, pa.string()),
         "model": pa.array([config.model] * count, pa.string()),
-        "generated_text": pc.if_else(failed, pa.scalar(None, pa.string()), block.column("generated_text")),
+        "generated_text": text,
+        "reasoning_text": pc.if_else(failed, pa.scalar(None, pa.string()), block.column("reasoning_text")),
+        "parsed": pa.array(parsed, pa.string()),
         "finish_reason": pc.if_else(failed, "error", block.column("finish_reason")),
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
-        "reasoning_tokens": pa.array([0] * count, pa.int64()),
+        "reasoning_tokens": pc.if_else(failed, 0, block.column("reasoning_tokens")),
         "cached_tokens": pc.if_else(failed, 0, block.column("cached_tokens")),
         "total_tokens": pc.add(prompt_tokens, completion_tokens),
         "input_cost_usd": input_cost,
         "output_cost_usd": output_cost,
         "cost_usd": pc.add(input_cost, output_cost),
-        "error_type": block.column("_error_type"),
-        "error": block.column("_error"),
+        "error_type": pa.array(error_types, pa.string()),
+        "error": pa.array(errors, pa.string()),
         "source_file": block.column("source_file"),
         "source_row": block.column("source_row"),
     }
@@ -138,6 +162,47 @@ def results_table(block: pa.Table, config: WriteConfig) -> pa.Table:
     for name in config.carry_columns:
         table = table.append_column(name, block.column(name))
     return table
+
+
+def _validate(texts: list[str | None], error_types: list[str | None], errors: list[str | None],
+              response_format: dict[str, Any] | None) -> tuple[list[str | None], list[str | None], list[str | None]]:
+    """`parsed` per row, and error rows for answers that do not satisfy the response format."""
+    parsed: list[str | None] = [None] * len(texts)
+    if response_format is None:
+        return parsed, error_types, errors
+    error_types, errors = list(error_types), list(errors)
+    for index, text in enumerate(texts):
+        if text is None:
+            continue
+        value, problem = parse_structured(text, response_format)
+        if problem is None:
+            parsed[index] = value
+        else:
+            error_types[index], errors[index] = "invalid_structured_output", problem
+    return parsed, error_types, errors
+
+
+def parse_structured(text: str, response_format: dict[str, Any]) -> tuple[str | None, str | None]:
+    """(validated value, None) or (None, why the answer does not satisfy the response format)."""
+    if "labels" in response_format:
+        label = text.strip()
+        if label in response_format["labels"]:
+            return label, None
+        return None, f"answer {text[:80]!r} is not one of the labels {response_format['labels']}"
+    if "regex" in response_format:
+        if re.fullmatch(response_format["regex"], text):
+            return text, None
+        return None, f"answer {text[:80]!r} does not match the regex {response_format['regex']!r}"
+    from jsonschema import Draft202012Validator
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return None, f"answer is not complete JSON ({exc.msg} at column {exc.colno}); raise max_tokens if it was cut off"
+    problems = sorted(Draft202012Validator(response_format["json_schema"]).iter_errors(value), key=str)
+    if problems:
+        return None, f"answer does not satisfy the JSON schema: {problems[0].message}"
+    return text, None
 
 
 def _cost(tokens: pa.ChunkedArray, per_mtok: float) -> pa.ChunkedArray:

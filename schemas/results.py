@@ -15,6 +15,8 @@ RESULT_SCHEMA = pa.schema(
         pa.field("variant", pa.string(), nullable=False),
         pa.field("model", pa.string(), nullable=False),
         pa.field("generated_text", pa.string()),
+        pa.field("reasoning_text", pa.string()),
+        pa.field("parsed", pa.string()),
         pa.field("finish_reason", pa.string(), nullable=False),
         pa.field("prompt_tokens", pa.int64(), nullable=False),
         pa.field("completion_tokens", pa.int64(), nullable=False),
@@ -50,6 +52,7 @@ class Totals(BaseModel):
     output_cost_usd: float = Field(0.0, description="Sum of `output_cost_usd`.")
     cost_usd: float = Field(0.0, description="Sum of `cost_usd`: the list-price cost of the rows on a hosted API.")
     engine_seconds: float = Field(0.0, description="Seconds engines spent generating these rows (wall time per batch).")
+    parsed_rows: int = Field(0, description="Rows whose answer satisfied the response format (`parsed` set).")
     errors_by_type: dict[str, int] = Field(default_factory=dict, description="Error rows per `error_type`.")
     finish_reasons: dict[str, int] = Field(default_factory=dict, description="Rows per `finish_reason`.")
 
@@ -72,6 +75,7 @@ class Totals(BaseModel):
         failed = sum(errors.values())
         return cls(
             rows=table.num_rows, rows_ok=table.num_rows - failed, rows_failed=failed, **sums, **costs,
+            parsed_rows=table.num_rows - table.column("parsed").null_count,
             engine_seconds=engine_seconds, errors_by_type=dict(errors),
             finish_reasons=dict(Counter(column("finish_reason").to_pylist())),
         )
@@ -84,7 +88,10 @@ class CommitRecord(BaseModel):
 
     shard_id: str = Field(description="Stable hash of the shard's source file, size and row range.")
     variant: str = Field(description="Catalog variant that answered the shard.")
-    data_file: str = Field(description="Output file name, relative to the output folder.")
+    data_file: str | None = Field(
+        description="Output file name, relative to the output folder; None when routing sent none of the shard's "
+        "rows to this model."
+    )
     source_file: str = Field(description="Input file the shard was read from.")
     row_start: int = Field(description="First row (0-based position in the source file) of the shard.")
     row_count: int = Field(description="Rows the plan gave the shard.")
@@ -133,6 +140,9 @@ class JobManifest(BaseModel):
     wall_seconds: float = Field(description="Wall time summed over runs.")
     engine_seconds: float = Field(description="Seconds engines spent generating, summed over shards.")
     output_tokens_per_s: float = Field(description="Completion tokens per engine-second.")
+    structured_validity_rate: float | None = Field(
+        description="With a response format: share of answered rows whose answer satisfied it; else None."
+    )
     list_price_cost_usd: float = Field(description="What the rows would cost on a hosted API at list prices.")
     accelerator_seconds: float = Field(description="Accelerator-seconds the engines were held, over all runs.")
     accelerator_hour_usd: float = Field(description="Price per accelerator-hour used for the compute cost.")

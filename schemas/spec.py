@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import string
 from pathlib import Path
 from typing import Any, Literal
@@ -125,6 +126,19 @@ class ModelSpec(_Strict):
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="Dtype the engine computes in; `auto` takes the variant's."
     )
+    name: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$",
+        description="This model's name in the output `variant` column, in routing and in output paths; defaults to "
+        "the catalog name. Set it to run one variant twice (e.g. thinking on and off).",
+    )
+    thinking: Literal["on", "off"] = Field(
+        "off", description="Qwen3 thinking: `on` lets the model reason in a `<think>` block before answering "
+        "(split into `reasoning_text`); passed to the chat template as `enable_thinking`."
+    )
+    thinking_budget: int | None = Field(
+        None, ge=1, description="Most reasoning tokens per row with thinking on; the engine then closes the "
+        "`<think>` block and the answer gets the rest of `max_tokens`."
+    )
 
     @model_validator(mode="after")
     def _one_model(self) -> ModelSpec:
@@ -132,12 +146,45 @@ class ModelSpec(_Strict):
             raise ValueError("give exactly one of `variant` (a catalog name) or `path` (a checkpoint) with `like`")
         if self.path is not None and self.like is None:
             raise ValueError("`path` needs `like: <catalog variant>` so prices and defaults are known")
+        if self.thinking_budget is not None and self.thinking == "off":
+            raise ValueError("thinking_budget needs thinking: on")
         return self
 
     @property
     def catalog_name(self) -> str:
         """The catalog entry whose facts and prices apply."""
         return self.variant or self.like  # type: ignore[return-value]
+
+    @property
+    def output_name(self) -> str:
+        """Name of this model in the output."""
+        return self.name or self.catalog_name
+
+
+class ResponseFormatSpec(_Strict):
+    """Constrain every answer, for labeling: exactly one of labels, json_schema or regex."""
+
+    labels: list[str] | None = Field(None, min_length=1, description="The answer is exactly one of these labels.")
+    json_schema: dict[str, Any] | None = Field(None, description="The answer is JSON valid against this JSON Schema.")
+    regex: str | None = Field(None, description="The answer matches this regular expression in full.")
+
+    @model_validator(mode="after")
+    def _one_format(self) -> ResponseFormatSpec:
+        if sum(value is not None for value in (self.labels, self.json_schema, self.regex)) != 1:
+            raise ValueError("give exactly one of `labels`, `json_schema` or `regex`")
+        if self.regex is not None:
+            try:
+                re.compile(self.regex)
+            except re.error as exc:
+                raise ValueError(f"regex does not compile: {exc}") from None
+        if self.json_schema is not None:
+            from jsonschema import Draft202012Validator, SchemaError
+
+            try:
+                Draft202012Validator.check_schema(self.json_schema)
+            except SchemaError as exc:
+                raise ValueError(f"json_schema is not a valid JSON Schema: {exc.message}") from None
+        return self
 
 
 class SamplingSpec(_Strict):
@@ -231,19 +278,51 @@ class JobSpec(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$", description="Job name: letters, digits, `.`, `_`, `-`.")
     input: InputSpec = Field(description="Where the rows come from.")
     prompt: PromptSpec = Field(description="How a row becomes chat messages.")
-    model: ModelSpec = Field(description="Which Qwen model answers.")
+    model: ModelSpec | None = Field(None, description="Which Qwen model answers (or `models` for several).")
+    models: list[ModelSpec] | None = Field(
+        None, min_length=1, description="Several models: each answers every row (fan-out), or the rows `route_column` "
+        "sends it."
+    )
+    route_column: str | None = Field(
+        None, description="With `models`: column naming the model (its `name` or catalog name) that answers each row; "
+        "without it every model answers every row."
+    )
+    response_format: ResponseFormatSpec | None = Field(
+        None, description="Constrain answers to labels, a JSON schema or a regex; the validated answer goes to `parsed`."
+    )
     sampling: SamplingSpec = Field(default_factory=SamplingSpec, description="How tokens are drawn.")
     output: OutputSpec = Field(description="Where the results go.")
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="How much of the cluster the job uses.")
     engine: EngineSpec = Field(default_factory=EngineSpec, description="vLLM engine settings.")
     prices: PricesSpec = Field(default_factory=PricesSpec, description="Price overrides for the cost columns.")
 
+    @model_validator(mode="after")
+    def _models(self) -> JobSpec:
+        if (self.model is None) == (self.models is None):
+            raise ValueError("give exactly one of `model` (one model) or `models` (a list)")
+        names = [m.output_name for m in self.variants]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"models {duplicates} appear twice; give each a distinct `name`")
+        if self.route_column is not None and self.models is None:
+            raise ValueError("route_column needs `models`")
+        if self.response_format is not None and any(m.thinking == "on" for m in self.variants):
+            raise ValueError("response_format cannot be combined with thinking: on; constrain the answer of a "
+                             "non-thinking model instead")
+        return self
+
+    @property
+    def variants(self) -> list[ModelSpec]:
+        """The models of the job, one or several."""
+        return self.models if self.models is not None else [self.model]  # type: ignore[list-item]
+
     def output_hash(self) -> str:
         """Hash of everything that decides the output rows; resume requires it to match."""
         decisive = self.model_dump(
             mode="json",
             include={"input": {"path", "format", "id_column", "carry_columns", "rows_per_shard"}, "prompt": True,
-                     "model": True, "sampling": True, "prices": {"input_per_mtok", "output_per_mtok"}},
+                     "model": True, "models": True, "route_column": True, "response_format": True, "sampling": True,
+                     "prices": {"input_per_mtok", "output_per_mtok"}},
         )
         return hashlib.sha256(json.dumps(decisive, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -223,7 +223,7 @@ def test_sample_specs_are_valid_and_fit_their_workers(name: str):
     spec = load_spec(yaml.safe_load(only_configmap_with(path, "job.yaml")["data"]["job.yaml"]))
     (obj,) = [obj for where, obj in KUBERAY_OBJECTS if where.startswith(f"kuberay/{name}")]
     gpus = worker_gpus(cluster_spec(obj))
-    plan = plan_replicas(spec, get_variant(spec.model.catalog_name), 4096, gpus)
+    plan = plan_replicas(spec, spec.variants[0], get_variant(spec.variants[0].catalog_name), 4096, gpus)
     assert plan.accelerator == "gpu" and plan.accelerators == gpus
 
 
@@ -334,7 +334,7 @@ def test_rendered_gpus_follow_the_spec(replicas, tensor_parallel, gpus_per_worke
     assert (group["replicas"], int(limits["nvidia.com/gpu"])) == (pods, pod_gpus)
     gpus = worker_gpus(rayjob["spec"]["rayClusterSpec"])
     assert gpus >= replicas * tensor_parallel
-    plan = plan_replicas(job_spec, get_variant("qwen2.5-7b-instruct"), 4096, gpus)
+    plan = plan_replicas(job_spec, job_spec.variants[0], get_variant(job_spec.variants[0].catalog_name), 4096, gpus)
     assert plan.tensor_parallel_size * plan.replicas == replicas * tensor_parallel
 
 
@@ -343,7 +343,7 @@ def test_rendered_auto_tensor_parallel_matches_the_driver():
     rayjob = render_rayjob(job_spec, image="img:1", gpus_per_worker=8, workers=0)
     gpus = worker_gpus(rayjob["spec"]["rayClusterSpec"])
     variant = get_variant("qwen2.5-72b-instruct")
-    plan = plan_replicas(job_spec, variant, variant.context_length, gpus)
+    plan = plan_replicas(job_spec, job_spec.variants[0], variant, variant.context_length, gpus)
     assert plan.tensor_parallel_size > 1 and gpus == plan.accelerators
 
 

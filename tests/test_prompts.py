@@ -143,9 +143,10 @@ def test_output_block_keeps_every_column_and_adds_int32_token_ids(template_stage
 
     out = template_stage(block)
 
-    assert out.column_names == [*block.column_names, "prompt_token_ids"]
+    assert out.column_names == [*block.column_names, "prompt_token_ids", "_skip"]
     assert out.schema.field("prompt_token_ids").type == pa.list_(pa.int32())
-    assert out.drop_columns(["prompt_token_ids"]).equals(block)
+    assert out.drop_columns(["prompt_token_ids", "_skip"]).equals(block)
+    assert out.column("_skip").to_pylist() == [False]
 
 
 def test_messages_column_rows_become_the_exact_chat_template_token_ids(

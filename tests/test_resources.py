@@ -17,8 +17,13 @@ def spec(variant: str = "qwen2.5-7b-instruct", **sections):
     return load_spec({**BASE, "model": {"variant": variant}, **sections})
 
 
+def replicas(job, max_model_len: int, gpus: int):
+    model = job.variants[0]
+    return plan_replicas(job, model, get_variant(model.catalog_name), max_model_len, gpus)
+
+
 def test_cpu_cluster_runs_one_in_process_engine_per_replica_with_all_cores():
-    plan = plan_replicas(spec("tiny-qwen2", resources={"replicas": 2}), get_variant("tiny-qwen2"), 512, 0)
+    plan = replicas(spec("tiny-qwen2", resources={"replicas": 2}), 512, 0)
     assert (plan.accelerator, plan.tensor_parallel_size, plan.replicas, plan.accelerators) == ("cpu", 1, 2, 2)
     assert plan.llm_kwargs["distributed_executor_backend"] == "uni" and plan.llm_kwargs["enforce_eager"] is True
     assert plan.llm_kwargs["dtype"] == "float32"
@@ -29,16 +34,14 @@ def test_cpu_cluster_runs_one_in_process_engine_per_replica_with_all_cores():
 
 
 def test_cpu_tensor_parallel_uses_mp_workers_bound_to_separate_cores():
-    plan = plan_replicas(spec("tiny-qwen2", resources={"tensor_parallel_size": 2}), get_variant("tiny-qwen2"), 512, 0)
+    plan = replicas(spec("tiny-qwen2", resources={"tensor_parallel_size": 2}), 512, 0)
     assert plan.llm_kwargs["distributed_executor_backend"] == "mp"
     assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in plan.env
     assert len(plan.env["VLLM_CPU_OMP_THREADS_BIND"].split("|")) == 2
 
 
 def test_gpu_cluster_plans_tensor_parallelism_from_the_catalog():
-    variant = get_variant("qwen2.5-72b-instruct")
-    plan = plan_replicas(spec("qwen2.5-72b-instruct", model={"variant": "qwen2.5-72b-instruct", "max_model_len": 8192}),
-                         variant, 8192, 8)
+    plan = replicas(spec(model={"variant": "qwen2.5-72b-instruct", "max_model_len": 8192}), 8192, 8)
     assert plan.accelerator == "gpu" and plan.tensor_parallel_size == 4
     assert plan.llm_kwargs["distributed_executor_backend"] == "mp" and plan.llm_kwargs["enforce_eager"] is False
     assert plan.llm_kwargs["dtype"] == "bfloat16" and plan.ray_remote_args["num_gpus"] == 4
@@ -46,24 +49,22 @@ def test_gpu_cluster_plans_tensor_parallelism_from_the_catalog():
 
 
 def test_ray_backend_leaves_the_gpus_to_vllms_placement_group():
-    plan = plan_replicas(spec(engine={"executor_backend": "ray"}, resources={"tensor_parallel_size": 2}),
-                         get_variant("qwen2.5-7b-instruct"), 4096, 2)
+    plan = replicas(spec(engine={"executor_backend": "ray"}, resources={"tensor_parallel_size": 2}), 4096, 2)
     assert plan.llm_kwargs["distributed_executor_backend"] == "ray" and plan.ray_remote_args["num_gpus"] == 0
 
 
 def test_more_replicas_than_gpus_is_a_spec_error():
     with pytest.raises(SpecError, match="need 4 GPUs; the Ray cluster has 2"):
-        plan_replicas(spec(resources={"replicas": 4}), get_variant("qwen2.5-7b-instruct"), 4096, 2)
+        replicas(spec(resources={"replicas": 4}), 4096, 2)
 
 
 def test_tensor_parallel_size_must_divide_attention_heads():
     with pytest.raises(SpecError, match="tensor_parallel_size"):
-        plan_replicas(spec("tiny-qwen2", resources={"tensor_parallel_size": 3}), get_variant("tiny-qwen2"), 512, 0)
+        replicas(spec("tiny-qwen2", resources={"tensor_parallel_size": 3}), 512, 0)
 
 
 def test_engine_settings_from_the_spec_override_the_defaults():
-    plan = plan_replicas(spec(engine={"enforce_eager": True, "extra_args": {"enable_prefix_caching": False},
-                                      "env": {"VLLM_LOGGING_LEVEL": "WARNING"}}),
-                         get_variant("qwen2.5-7b-instruct"), 4096, 1)
+    plan = replicas(spec(engine={"enforce_eager": True, "extra_args": {"enable_prefix_caching": False},
+                                      "env": {"VLLM_LOGGING_LEVEL": "WARNING"}}), 4096, 1)
     assert plan.llm_kwargs["enforce_eager"] is True and plan.llm_kwargs["enable_prefix_caching"] is False
     assert plan.env["VLLM_LOGGING_LEVEL"] == "WARNING"

@@ -23,7 +23,8 @@ def test_wiring_without_the_prompt_stage_names_the_engine_stage_and_its_missing_
         check_wiring(SOURCE, [EngineStage, WriteStage])
 
     message = caught.value.args[0]
-    assert message.startswith("Required input columns ['prompt_token_ids'] not found at the input of EngineStage")
+    assert message.startswith("Required input columns ['_skip', 'prompt_token_ids'] not found at the input of "
+                              "EngineStage")
     assert f"prompt_token_ids: {EngineStage.requires['prompt_token_ids']}" in message
     assert f"Input columns: {sorted(SOURCE)}" in message
 
@@ -33,7 +34,7 @@ def test_wiring_without_the_engine_stage_names_every_column_the_write_stage_miss
         check_wiring(SOURCE, [PromptStage, WriteStage])
 
     message = caught.value.args[0]
-    missing = sorted(set(WriteStage.requires) - set(SOURCE))
+    missing = sorted(set(WriteStage.requires) - set(SOURCE) - set(PromptStage.produces))
     assert missing == sorted(set(EngineStage.produces))
     assert message.startswith(f"Required input columns {missing} not found at the input of WriteStage")
     assert "prompt_token_ids" in message.split("Input columns: ")[1]

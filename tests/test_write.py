@@ -54,14 +54,17 @@ def engine_block(rows: list[dict[str, Any]] = ROWS, shard: str = SHARD, first_ro
     table = table.append_column("note", pa.array([row["note"] for row in rows], pa.string()))
     engine_columns = {
         "prompt_token_ids": pa.array([[1] * row["prompt_tokens"] for row in rows], pa.list_(pa.int32())),
+        "_skip": pa.array([False] * count, pa.bool_()),
         "generated_text": pa.array([f"answer {i}" for i in range(count)], pa.string()),
+        "reasoning_text": pa.array([None] * count, pa.string()),
+        "reasoning_tokens": pa.array([0] * count, pa.int64()),
         "completion_token_ids": pa.array([list(range(row["completion"])) for row in rows], pa.list_(pa.int32())),
         "finish_reason": pa.array([row["finish_reason"] for row in rows], pa.string()),
         "prompt_tokens": pa.array([row["prompt_tokens"] for row in rows], pa.int64()),
         "cached_tokens": pa.array([row["cached_tokens"] for row in rows], pa.int64()),
         "_engine_seconds": pa.array([2.5] * count, pa.float64()),
     }
-    assert list(engine_columns) == ["prompt_token_ids", *EngineStage.produces]
+    assert list(engine_columns) == ["prompt_token_ids", "_skip", *EngineStage.produces]
     for name, values in engine_columns.items():
         table = table.append_column(name, values)
     return table
@@ -158,14 +161,13 @@ def test_write_stage_writes_the_shard_file_and_a_commit_record(tmp_path: Path) -
     }]
 
 
-def test_second_write_of_a_shard_rewrites_the_same_file_and_does_not_commit_again(tmp_path: Path) -> None:
+def test_second_write_of_a_committed_shard_changes_nothing(tmp_path: Path) -> None:
     output = tmp_path / "out"
     block = engine_block()
     data_file = output / VARIANT / f"part-{SHARD}.parquet"
     commit_file = output / COMMITS_DIR / VARIANT / f"{SHARD}.json"
     WriteStage(write_config(output, run_id="run-1"))(block)
     first_data, first_commit = data_file.read_bytes(), commit_file.read_bytes()
-    data_file.write_bytes(b"torn write")
 
     summary = WriteStage(write_config(output, run_id="run-2"))(block)
 
@@ -174,6 +176,19 @@ def test_second_write_of_a_shard_rewrites_the_same_file_and_does_not_commit_agai
     assert commit_file.read_bytes() == first_commit
     assert read_commit(first_commit).run_id == "run-1"
     assert sorted(p.name for p in commit_file.parent.iterdir()) == [f"{SHARD}.json"]
+
+
+def test_an_uncommitted_torn_data_file_is_overwritten(tmp_path: Path) -> None:
+    output = tmp_path / "out"
+    data_file = output / VARIANT / f"part-{SHARD}.parquet"
+    data_file.parent.mkdir(parents=True)
+    data_file.write_bytes(b"torn write")
+
+    summary = WriteStage(write_config(output))(engine_block())
+
+    assert summary.column("committed").to_pylist() == [True]
+    assert pq.read_table(data_file).num_rows == len(ROWS)
+    assert [p.name for p in data_file.parent.iterdir()] == [data_file.name]
 
 
 def test_a_block_holding_two_shards_is_refused(tmp_path: Path) -> None:
