@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from schemas.errors import SpecError
@@ -68,6 +69,32 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--dir", default="demo", help="Folder for the sample data, spec and output.")
     demo.add_argument("--rows", type=int, default=200, help="Sample rows to generate.")
     demo.set_defaults(handler=_demo)
+
+    report = commands.add_parser("report", help="Write an HTML report (plots, totals, runs) on a job's output folder.")
+    report.add_argument("output_path", help="The job's output folder (output.path of its spec), local or s3://.")
+    report.add_argument("--out", help="Where to write the HTML; default OUTPUT_PATH/_report.html.")
+    report.set_defaults(handler=_report)
+
+    address_help = "Ray dashboard address, http://HEAD:8265; default RAY_ADDRESS."
+    submit = commands.add_parser("submit", help="Submit a job to a Ray cluster through the Jobs API; print its id.")
+    submit.add_argument("spec", help="Job spec, YAML or JSON.")
+    submit.add_argument("--address", default=os.environ.get("RAY_ADDRESS"), help=address_help)
+    submit.add_argument("--overwrite", action="store_true", help="Pass --overwrite to `run` on the cluster.")
+    submit.add_argument("--python", default="python", help="Interpreter on the head node that has Ray and vLLM; "
+                        "default `python` on the PATH the cluster was started with.")
+    submit.add_argument("--wait", action="store_true", help="Stream the job's logs to stderr until it ends; exit 0 "
+                        "only if it SUCCEEDED.")
+    submit.set_defaults(handler=_submit)
+
+    for name, handler, text in (("status", _job_status, "Print a submitted job's status."),
+                                ("logs", _job_logs, "Print a submitted job's logs."),
+                                ("stop", _stop_job, "Stop a submitted job; committed shards stay whole.")):
+        command = commands.add_parser(name, help=text)
+        command.add_argument("submission_id", help="The id `qwen-batch submit` printed.")
+        command.add_argument("--address", default=os.environ.get("RAY_ADDRESS"), help=address_help)
+        if name == "logs":
+            command.add_argument("--follow", action="store_true", help="Keep printing until the job ends.")
+        command.set_defaults(handler=handler)
     return parser
 
 
@@ -77,10 +104,11 @@ def _validate(args: argparse.Namespace) -> int:
 
     plan = plan_job(load_spec(args.spec))
     print(json.dumps({
-        "job_id": plan.job_id, "variant": plan.variant.name, "model": plan.model,
-        "max_model_len": plan.max_model_len, "input_files": len({s.file for s in plan.shards}),
-        "shards": len(plan.shards), "rows": plan.rows, "shards_committed": len(plan.committed),
-        "shards_to_run": len(plan.todo), "bad_files": plan.bad_files, "output": plan.layout.output,
+        "job_id": plan.job_id, "input_files": len({s.file for s in plan.shards}), "shards": len(plan.shards),
+        "rows": plan.rows, "bad_files": plan.bad_files, "output": plan.layout.output,
+        "models": [{"name": m.name, "variant": m.variant.name, "loads": m.model, "max_model_len": m.max_model_len,
+                    "thinking": m.spec.thinking, "shards_committed": len(m.committed),
+                    "shards_to_run": len(plan.todo(m))} for m in plan.models],
     }, indent=2))
     return 0
 
@@ -146,6 +174,76 @@ def _demo(args: argparse.Namespace) -> int:
     from jobs.demo import run_demo
 
     return run_demo(Path(args.dir), args.rows)
+
+
+def _report(args: argparse.Namespace) -> int:
+    from jobs.report import write_report
+
+    try:
+        print(write_report(args.output_path, args.out))
+    except SpecError as exc:
+        print(f"qwen-batch report: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _jobs_api(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Run a Jobs API command: a missing address or an unreachable cluster is a one-line error, exit 1."""
+    def call(args: argparse.Namespace) -> int:
+        from ray.exceptions import RayError
+
+        if not args.address:
+            print(f"qwen-batch {args.command}: no cluster address; pass --address http://HEAD:8265 or set "
+                  "RAY_ADDRESS", file=sys.stderr)
+            return 1
+        try:
+            return handler(args)
+        except (ConnectionError, RuntimeError, TimeoutError, RayError) as error:
+            print(f"qwen-batch {args.command}: {error}", file=sys.stderr)
+            return 1
+    return call
+
+
+@_jobs_api
+def _submit(args: argparse.Namespace) -> int:
+    from jobs.submit import job_logs, job_status, submit_job
+
+    submission_id = submit_job(args.spec, args.address, extra_args=["--overwrite"] if args.overwrite else None,
+                               python=args.python)
+    print(submission_id, flush=True)
+    if not args.wait:
+        return 0
+    for chunk in job_logs(args.address, submission_id, follow=True):
+        print(chunk, end="", file=sys.stderr, flush=True)
+    status = job_status(args.address, submission_id)
+    print(f"job {submission_id}: {status}", file=sys.stderr)
+    return 0 if status == "SUCCEEDED" else 1
+
+
+@_jobs_api
+def _job_status(args: argparse.Namespace) -> int:
+    from jobs.submit import job_status
+
+    print(job_status(args.address, args.submission_id))
+    return 0
+
+
+@_jobs_api
+def _job_logs(args: argparse.Namespace) -> int:
+    from jobs.submit import job_logs
+
+    for chunk in job_logs(args.address, args.submission_id, follow=args.follow):
+        print(chunk, end="", flush=True)
+    return 0
+
+
+@_jobs_api
+def _stop_job(args: argparse.Namespace) -> int:
+    from jobs.submit import stop_job
+
+    stopped = stop_job(args.address, args.submission_id)
+    print(f"job {args.submission_id}: {'stopping' if stopped else 'had already ended'}")
+    return 0
 
 
 if __name__ == "__main__":
