@@ -1,0 +1,156 @@
+"""Run jobs on a Ray cluster through the Ray Jobs API: ship the spec and this project's code, follow, stop.
+
+The job runs `python -m jobs.cli run job.yaml` on the head node, in a `runtime_env` whose `working_dir` holds only the
+spec (as `job.yaml`) and whose `py_modules` are this project's packages (`jobs`, `pipelines`, `cluster`, `schemas`),
+so the cluster runs the code of the machine that submits, whether or not it has qwen-batch installed. The cluster
+must already have Ray (same version) and vLLM with qwen-batch's dependencies; nothing is pip-installed per job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import os
+import shlex
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from schemas.errors import SpecError
+
+if TYPE_CHECKING:
+    from ray.job_submission import JobSubmissionClient
+
+__all__ = ["job_logs", "job_status", "stop_job", "submit_job", "wait_job"]
+
+PROJECT_PACKAGES = ("jobs", "pipelines", "cluster", "schemas")
+SPEC_NAME = "job.yaml"
+METADATA_KEY = "qwen_batch_job"
+TERMINAL_STATUSES = frozenset({"SUCCEEDED", "FAILED", "STOPPED"})
+
+
+def submit_job(spec_path: str, address: str, *, extra_args: list[str] | None = None, wait: bool = False,
+               python: str = "python") -> str:
+    """Submit a spec to the cluster whose dashboard is at `address` (`http://HEAD:8265`); return the submission id.
+
+    `extra_args` are appended to `qwen-batch run` (e.g. `["--overwrite"]`). `python` is the interpreter the
+    entrypoint runs with on the head node: the default `python` must resolve, on the PATH the cluster was started
+    with, to the environment that has Ray and vLLM (true in Ray's images and KubeRay); else give its full path.
+    With `wait`, return only when the job has ended, raising RuntimeError unless it SUCCEEDED.
+    """
+    from schemas.spec import load_spec
+
+    spec = load_spec(spec_path)
+    _check_reachable_paths(spec_path, {"input.path": spec.input.path, "output.path": spec.output.path})
+    entrypoint = shlex.join([python, "-m", "jobs.cli", "run", SPEC_NAME, *(extra_args or [])])
+    client = _client(address)
+    with tempfile.TemporaryDirectory(prefix="qwen-batch-submit-") as folder:
+        shutil.copyfile(spec_path, Path(folder) / SPEC_NAME)
+        submission_id = client.submit_job(entrypoint=entrypoint, runtime_env=_runtime_env(folder),
+                                          metadata={METADATA_KEY: spec.name})
+    if wait:
+        status = wait_job(address, submission_id)
+        if status != "SUCCEEDED":
+            raise RuntimeError(f"job {submission_id} ended {status}; its logs: qwen-batch logs {submission_id} "
+                               f"--address {address}")
+    return submission_id
+
+
+def wait_job(address: str, submission_id: str, *, timeout_s: float | None = None, poll_s: float = 2.0) -> str:
+    """Poll until the job is SUCCEEDED, FAILED or STOPPED and return that status; TimeoutError after `timeout_s`."""
+    client = _client(address)
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    while (status := str(client.get_job_status(submission_id).value)) not in TERMINAL_STATUSES:
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError(f"job {submission_id} is still {status} after {timeout_s:.0f} s")
+        time.sleep(poll_s)
+    return status
+
+
+def job_status(address: str, submission_id: str) -> str:
+    """The job's status: PENDING, RUNNING, STOPPED, SUCCEEDED or FAILED."""
+    return str(_client(address).get_job_status(submission_id).value)
+
+
+def job_logs(address: str, submission_id: str, follow: bool = False) -> Iterator[str]:
+    """The job's driver output: all of it so far, or with `follow` chunk by chunk until the job ends."""
+    client = _client(address)
+    if not follow:
+        yield client.get_job_logs(submission_id)
+        return
+    chunks = client.tail_job_logs(submission_id)
+    loop = asyncio.new_event_loop()
+    try:
+        while True:
+            try:
+                yield loop.run_until_complete(chunks.__anext__())
+            except StopAsyncIteration:
+                return
+    finally:
+        loop.run_until_complete(chunks.aclose())
+        loop.close()
+
+
+def stop_job(address: str, submission_id: str) -> bool:
+    """Ask the cluster to stop the job (SIGTERM, then SIGKILL); False if it had already ended.
+
+    Safe at any moment: a shard is committed only after its Parquet is fully written, so a stop leaves at most an
+    uncommitted data file, which the next run of the spec overwrites.
+    """
+    return bool(_client(address).stop_job(submission_id))
+
+
+def _client(address: str) -> JobSubmissionClient:
+    """A Jobs API client that sends the Ray auth token when one is configured here."""
+    from ray.exceptions import AuthenticationError
+    from ray.job_submission import JobSubmissionClient
+
+    headers = _auth_headers()
+    try:
+        return JobSubmissionClient(address, headers=headers)
+    except AuthenticationError:
+        found = "the token sent was refused" if headers else "no token was found here"
+        raise ConnectionError(f"the Ray Jobs API at {address} requires token authentication and {found}. Set "
+                              "RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH, or put the cluster's token in "
+                              "~/.ray/auth_token (`ray get-auth-token` on the head node prints it)") from None
+    except ConnectionError as error:
+        raise ConnectionError(f"cannot reach the Ray Jobs API at {address} ({error}); pass the dashboard address, "
+                              "http://HEAD:8265, with --address or RAY_ADDRESS") from None
+
+
+def _auth_headers() -> dict[str, str]:
+    """`Authorization: Bearer <token>` from RAY_AUTH_TOKEN, the file at RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token.
+
+    The same sources in the same order as Ray's own token loader. Ray's client sends that token only when
+    RAY_AUTH_MODE=token is set in this process; an explicit header works without it and changes nothing global.
+    """
+    token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
+    if not token:
+        path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+        try:
+            token = path.read_text().strip()
+        except OSError:
+            if os.environ.get("RAY_AUTH_TOKEN_PATH"):
+                raise ConnectionError(f"RAY_AUTH_TOKEN_PATH is {path}, which cannot be read; point it at the "
+                                      "file holding the cluster's token") from None
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def _runtime_env(folder: str) -> dict[str, Any]:
+    """The spec folder as working_dir, this project's packages as py_modules (found wherever they are imported
+    from: a checkout, an editable install or site-packages)."""
+    packages = [importlib.import_module(name).__path__[0] for name in PROJECT_PACKAGES]
+    return {"working_dir": folder, "py_modules": packages, "excludes": ["__pycache__", "*.pyc"]}
+
+
+def _check_reachable_paths(spec_path: str, paths: dict[str, str]) -> None:
+    """Relative local paths mean nothing on the cluster, where the job runs in a temporary working_dir."""
+    relative = [f"{field}: found {path!r}, a relative local path" for field, path in paths.items()
+                if "://" not in path and not Path(path).is_absolute()]
+    if relative:
+        raise SpecError([f"{problem}; on the cluster the job runs in a temporary folder, so give a location every "
+                         f"node can reach (s3://, gs://, or an absolute path on a shared filesystem) in {spec_path}"
+                         for problem in relative])
