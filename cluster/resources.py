@@ -69,7 +69,7 @@ def plan_replicas(spec: JobSpec, model: ModelSpec, variant: ModelVariant, max_mo
     }
     if model.thinking_budget is not None:
         llm_kwargs["reasoning_config"] = {"reasoning_parser": "qwen3"}
-    if spec.response_format is not None:
+    if spec.response_format is not None or spec.input.format == "openai-batch":
         # JSON from a weak or random model pads whitespace until max_tokens unless the grammar forbids it; the
         # per-request flag is ignored, so it is set for the engine.
         llm_kwargs["structured_outputs_config"] = {"backend": "xgrammar", "disable_any_whitespace": True}

@@ -17,11 +17,12 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
+from jobs.progress import Progress
 from pipelines import storage
 from pipelines.engine import EngineConfig
 from pipelines.prompts import PromptConfig, Routes
 from pipelines.read import ReadConfig, Shard, input_columns, plan_shards
-from pipelines.write import Layout, WriteConfig, read_commit
+from pipelines.write import OPENAI_DIR, Layout, WriteConfig, read_commit
 from schemas.catalog import ModelVariant, get_variant
 from schemas.errors import SpecError
 from schemas.results import RESULT_COLUMNS, CommitRecord, JobManifest, RunRecord, Totals
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 
 JOB_FILE = "_job.json"
 MANIFEST_FILE = "_manifest.json"
+OPENAI_OUTPUT_FILE = f"{OPENAI_DIR}/output.jsonl"
 RUNS_DIR = "_runs"
 MODEL_DIR_ENV = "QWEN_BATCH_MODEL_DIR"
 
@@ -213,17 +215,12 @@ def run_job(spec: JobSpec, *, address: str | None = None, overwrite: bool = Fals
 
 
 def _follow(dataset, model: str, todo: list[Shard], started: float) -> int:
-    """Run the dataset, logging each committed shard; the number of shards committed."""
-    rows_total = sum(s.row_count for s in todo)
-    done = committed = rows_done = tokens = 0
-    for summary in dataset.iter_rows():
-        done += 1
-        committed += summary["committed"]
-        rows_done += summary["rows"]
-        tokens += summary["completion_tokens"]
-        log.info("%s: shard %d/%d done: %d/%d rows, %d errors in shard, %.0f output tok/s", model, done,
-                 len(todo), rows_done, rows_total, summary["rows_failed"],
-                 tokens / max(time.monotonic() - started, 1e-9))
+    """Run the dataset, showing its progress as shards commit (see jobs.progress); the number of shards committed."""
+    committed = 0
+    with Progress(model, sum(s.row_count for s in todo), len(todo), started=started) as progress:
+        for summary in dataset.iter_rows():
+            committed += summary["committed"]
+            progress.update(summary)
     return committed
 
 
@@ -233,7 +230,8 @@ def stage_configs(plan: JobPlan, model: ModelPlan, run_id: str,
     spec, variant, thinking = plan.spec, model.variant, model.spec.thinking == "on"
     routes = None
     if spec.route_column is not None:
-        names = {m.variant.name: m.name for m in plan.models} | {m.name: m.name for m in plan.models}
+        names = {m.variant.name: m.name for m in plan.models} | {m.name: m.name for m in plan.models} | {
+            alias: m.name for m in plan.models for alias in m.spec.aliases}
         routes = Routes(spec.route_column, model.name, names, owns_unknown=model is plan.models[0])
     prompt = PromptConfig(
         tokenizer=model.model, system=spec.prompt.system, template=spec.prompt.template,
@@ -257,7 +255,8 @@ def stage_configs(plan: JobPlan, model: ModelPlan, run_id: str,
                         input_per_mtok=_or(spec.prices.input_per_mtok, variant.input_per_mtok),
                         output_per_mtok=_or(spec.prices.output_per_mtok, output_price(variant, thinking)),
                         carry_columns=tuple(spec.input.carry_columns), run_id=run_id,
-                        response_format=None if response is None else response.model_dump(exclude_none=True))
+                        response_format=None if response is None else response.model_dump(exclude_none=True),
+                        openai_output=spec.output.format == "openai-batch", job_id=plan.job_id)
     return ReadConfig.of(spec.input, prompt_columns(spec)), prompt, engine, write
 
 
@@ -306,19 +305,21 @@ def write_manifest(plan: JobPlan) -> JobManifest:
         rows_failed=totals.rows_failed, totals=totals, per_variant=per_variant, bad_files=plan.bad_files, runs=runs,
         wall_seconds=sum(r.wall_seconds for r in runs), engine_seconds=totals.engine_seconds,
         output_tokens_per_s=totals.completion_tokens / totals.engine_seconds if totals.engine_seconds else 0.0,
-        structured_validity_rate=_validity_rate(spec, totals),
+        structured_validity_rate=_validity_rate(totals),
         list_price_cost_usd=totals.cost_usd, accelerator_seconds=accelerator_seconds,
         accelerator_hour_usd=spec.prices.accelerator_hour, compute_cost_usd=compute_cost,
         savings_usd=totals.cost_usd - compute_cost, versions=versions(),
     )
+    if spec.output.format == "openai-batch":
+        ordered = sorted((r for r in records if r.data_file), key=lambda r: (r.variant, r.source_file, r.row_start))
+        storage.concatenate(layout.url(OPENAI_OUTPUT_FILE),
+                            [layout.openai_file(r.variant, r.shard_id) for r in ordered], options)
     storage.write_bytes(layout.url(MANIFEST_FILE), manifest.model_dump_json(indent=2).encode(), options)
     return manifest
 
 
-def _validity_rate(spec: JobSpec, totals: Totals) -> float | None:
-    """Share of the rows the engine answered whose answer satisfied the response format."""
-    if spec.response_format is None:
-        return None
+def _validity_rate(totals: Totals) -> float | None:
+    """Share of the answers held to a response format that satisfied it; None when no answer was."""
     invalid = totals.errors_by_type.get("invalid_structured_output", 0)
     answered = totals.parsed_rows + invalid
     return totals.parsed_rows / answered if answered else None

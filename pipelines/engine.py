@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import time
@@ -36,6 +37,7 @@ class EngineStage(Stage):
         "id": "row id, which seeds the row's sampling",
         "prompt_token_ids": "token ids of the chat-templated prompt, null for error rows",
         "_skip": "true for rows another model of the job answers",
+        "_request": "JSON of the row's own sampling overrides (OpenAI batch requests), else null",
         "_error_type": "error class of a row that already failed, else null",
         "_error": "message of a row that already failed, else null",
     }
@@ -61,12 +63,9 @@ class EngineStage(Stage):
         log.info("engine for %s ready in %.1f s", config.model, time.monotonic() - started)
 
     def __call__(self, block: pa.Table) -> pa.Table:
-        from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
-        from vllm.sampling_params import StructuredOutputsParams
 
         self.check(block)
-        config = self.config
         error_types = block.column("_error_type").to_pylist()
         errors = block.column("_error").to_pylist()
         ids = block.column("id").to_pylist()
@@ -74,9 +73,8 @@ class EngineStage(Stage):
         todo = [i for i, error_type in enumerate(error_types) if error_type is None and not skip[i]]
         token_lists = block.column("prompt_token_ids").to_pylist()
         prompts = [TokensPrompt(prompt_token_ids=token_lists[i]) for i in todo]
-        structured = StructuredOutputsParams(**config.structured) if config.structured else None
-        params = [SamplingParams(**config.sampling, seed=row_seed(config.seed, ids[i]), structured_outputs=structured,
-                                 thinking_token_budget=config.thinking_budget) for i in todo]
+        requests = block.column("_request").to_pylist()
+        params = [self.sampling_params(ids[i], json.loads(requests[i]) if requests[i] else {}) for i in todo]
         started = time.monotonic()
         outputs = self._generate(prompts, params)
         engine_seconds = time.monotonic() - started
@@ -113,6 +111,24 @@ class EngineStage(Stage):
             .append_column("prompt_tokens", pa.array(prompt_tokens, pa.int64()))
             .append_column("cached_tokens", pa.array(cached, pa.int64()))
             .append_column("_engine_seconds", pa.array([engine_seconds] * count, pa.float64()))
+        )
+
+    def sampling_params(self, row_id: str, overrides: dict[str, Any]) -> Any:
+        """A row's SamplingParams: the job's, with the row's own request fields (OpenAI batch) on top."""
+        from vllm import SamplingParams
+        from vllm.sampling_params import StructuredOutputsParams
+
+        config = self.config
+        response_format = overrides.pop("response_format", None)
+        structured = config.structured
+        if response_format is not None:
+            structured = {"json": response_format["json_schema"]} if "json_schema" in response_format else \
+                {"json_object": True}
+        seed = overrides.pop("seed", None)
+        return SamplingParams(
+            **{**config.sampling, **overrides}, seed=row_seed(config.seed, row_id) if seed is None else seed,
+            structured_outputs=StructuredOutputsParams(**structured) if structured else None,
+            thinking_token_budget=config.thinking_budget,
         )
 
     def split_reasoning(self, token_ids: list[int]) -> tuple[int, str, str]:

@@ -56,6 +56,7 @@ class PromptStage(Stage):
         "_prompt": "JSON object of the row's prompt columns",
         "_error_type": "error class of a row that already failed, else null",
         "_error": "message of a row that already failed, else null",
+        "_request": "JSON of the row's own sampling overrides (OpenAI batch requests), else null",
     }
     produces = {
         "prompt_token_ids": "token ids of the chat-templated prompt, null for error rows",
@@ -75,13 +76,16 @@ class PromptStage(Stage):
         errors = block.column("_error").to_pylist()
         texts: dict[int, str] = {}
         skip = [False] * block.num_rows
+        routes = self.config.routes
         for index, raw in enumerate(block.column("_prompt").to_pylist()):
             if error_types[index] is not None:
+                # A row that failed before routing belongs to one model's output, like a row naming no model.
+                skip[index] = routes is not None and not routes.owns_unknown
                 continue
             values = json.loads(raw)
             try:
-                if self.config.routes is not None:
-                    answers, error = self.config.routes.decide(values.get(self.config.routes.column))
+                if routes is not None:
+                    answers, error = routes.decide(values.get(routes.column))
                     skip[index] = not answers
                     if skip[index]:
                         continue
@@ -96,13 +100,15 @@ class PromptStage(Stage):
         encoded = self.tokenizer(list(texts.values()), add_special_tokens=False)["input_ids"] if texts else []
         token_ids: list[list[int] | None] = [None] * block.num_rows
         limit = self.config.max_model_len
+        requests = block.column("_request").to_pylist()
         for index, ids in zip(texts, encoded):
-            if len(ids) + self.config.max_tokens > limit:
+            max_tokens = json.loads(requests[index]).get("max_tokens", self.config.max_tokens) if requests[index] \
+                else self.config.max_tokens
+            if len(ids) + max_tokens > limit:
                 error_types[index] = "prompt_too_long"
                 errors[index] = (
-                    f"prompt is {len(ids)} tokens; with max_tokens {self.config.max_tokens} that is "
-                    f"{len(ids) + self.config.max_tokens}, over max_model_len {limit} by "
-                    f"{len(ids) + self.config.max_tokens - limit}. Shorten the input, lower sampling.max_tokens or "
+                    f"prompt is {len(ids)} tokens; with max_tokens {max_tokens} that is {len(ids) + max_tokens}, over "
+                    f"max_model_len {limit} by {len(ids) + max_tokens - limit}. Shorten the input, lower max_tokens or "
                     "raise model.max_model_len (up to the variant's context length)."
                 )
             else:

@@ -24,7 +24,8 @@ from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
 from pipelines import storage
-from schemas.errors import SpecError
+from pipelines.openai_batch import parse_request
+from schemas.errors import RowError, SpecError
 from schemas.spec import InputSpec
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,7 @@ BLOCK_SCHEMA = pa.schema(
         ("_prompt", pa.string()),
         ("_error_type", pa.string()),
         ("_error", pa.string()),
+        ("_request", pa.string()),
     ]
 )
 
@@ -72,7 +74,8 @@ class ReadConfig:
 
     @classmethod
     def of(cls, spec: InputSpec, prompt_columns: list[str]) -> ReadConfig:
-        return cls(spec.format, spec.id_column, tuple(prompt_columns), tuple(spec.carry_columns), spec.on_bad_file,
+        id_column = spec.id_column or ("custom_id" if spec.format == "openai-batch" else None)
+        return cls(spec.format, id_column, tuple(prompt_columns), tuple(spec.carry_columns), spec.on_bad_file,
                    spec.storage_options)
 
 
@@ -246,7 +249,19 @@ def _read_jsonl(shard: Shard, config: ReadConfig) -> list[dict[str, Any]]:
             rows.append(_error_row(shard, row_number, "invalid_json", f"{where}: expected a JSON object, found "
                                    f"{type(record).__name__}"))
             continue
-        rows.append(_data_row(shard, row_number, record, config))
+        overrides: dict[str, Any] = {}
+        if config.format == "openai-batch":
+            try:
+                record, overrides = parse_request(record)
+            except RowError as exc:
+                error = _error_row(shard, row_number, exc.error_type, f"{where}: {exc}")
+                if isinstance(record.get("custom_id"), str):
+                    error["id"] = record["custom_id"]
+                rows.append(error)
+                continue
+        row = _data_row(shard, row_number, record, config)
+        row["_request"] = json.dumps(overrides) if overrides else None
+        rows.append(row)
     return rows
 
 
@@ -293,7 +308,7 @@ def _parquet_rows(handle: Any, shard: Shard, columns: list[str]) -> pa.Table:
     return table.slice(shard.row_start - first_row, shard.row_count)
 
 
-_READERS = {"jsonl": _read_jsonl, "csv": _read_csv, "parquet": _read_parquet}
+_READERS = {"jsonl": _read_jsonl, "openai-batch": _read_jsonl, "csv": _read_csv, "parquet": _read_parquet}
 
 
 def _position_id(shard: Shard, row_number: int) -> str:
@@ -342,6 +357,7 @@ def _to_block(shard: Shard, rows: list[dict[str, Any]], config: ReadConfig) -> p
         "_prompt": pa.array([r["_prompt"] for r in rows], pa.string()),
         "_error_type": pa.array([r["_error_type"] for r in rows], pa.string()),
         "_error": pa.array([r["_error"] for r in rows], pa.string()),
+        "_request": pa.array([r.get("_request") for r in rows], pa.string()),
     }
     for column in config.carry_columns:
         values = [r.get(column) for r in rows]

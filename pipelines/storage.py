@@ -32,6 +32,7 @@ __all__ = [
     "RETRY_POLICY",
     "FileInfo",
     "RetryPolicy",
+    "concatenate",
     "create_only",
     "delete_prefix",
     "exists",
@@ -307,6 +308,17 @@ def write_bytes(url: str, data: bytes, storage_options: dict[str, Any] | None = 
     except BaseException:
         os.unlink(temporary)
         raise
+
+
+@_retried
+def concatenate(url: str, sources: list[str], storage_options: dict[str, Any] | None = None) -> None:
+    """Write the objects `sources`, one after another, as the object `url`, streaming: memory is one source."""
+    fs, path = filesystem(url, storage_options)
+    if isinstance(fs, LocalFileSystem):
+        fs.makedirs(fs._parent(path), exist_ok=True)
+    with fs.open(path, "wb") as out:
+        for source in sources:
+            out.write(read_bytes(source, storage_options))
 
 
 @_retried

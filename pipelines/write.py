@@ -14,10 +14,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipelines import storage
+from pipelines.openai_batch import response_line
 from pipelines.stage import Stage
 from schemas.results import RESULT_SCHEMA, CommitRecord, Totals
 
 COMMITS_DIR = "_commits"
+OPENAI_DIR = "_openai"
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,9 @@ class Layout:
 
     def commit_url(self, variant: str, shard_id: str) -> str:
         return f"{self.output}/{COMMITS_DIR}/{variant}/{shard_id}.json"
+
+    def openai_file(self, variant: str, shard_id: str) -> str:
+        return f"{self.output}/{OPENAI_DIR}/{variant}/part-{shard_id}.jsonl"
 
     def commits_prefix(self) -> str:
         return f"{self.output}/{COMMITS_DIR}"
@@ -52,6 +57,8 @@ class WriteConfig:
     carry_columns: tuple[str, ...]
     run_id: str
     response_format: dict[str, Any] | None = None
+    openai_output: bool = False
+    job_id: str = ""
 
 
 class WriteStage(Stage):
@@ -103,6 +110,12 @@ class WriteStage(Stage):
             pq.write_table(table, buffer, compression="zstd")
             data_file = config.layout.data_file(config.variant, shard)
             storage.write_bytes(config.layout.url(data_file), buffer.getvalue(), config.storage_options)
+            if config.openai_output:
+                created = int(datetime.now(timezone.utc).timestamp())
+                lines = "".join(json.dumps(response_line(row, config.job_id, created)) + "\n"
+                                for row in table.to_pylist())
+                storage.write_bytes(config.layout.openai_file(config.variant, shard), lines.encode(),
+                                    config.storage_options)
         totals = Totals.of_table(table, engine_seconds=float(block.column("_engine_seconds")[0].as_py()))
         record = CommitRecord(
             shard_id=shard, variant=config.variant, data_file=data_file, source_file=source_file, row_start=row_start,
@@ -135,8 +148,10 @@ def results_table(block: pa.Table, config: WriteConfig) -> pa.Table:
     input_cost = _cost(prompt_tokens, config.input_per_mtok)
     output_cost = _cost(completion_tokens, config.output_per_mtok)
     text = pc.if_else(failed, pa.scalar(None, pa.string()), block.column("generated_text"))
+    formats = [json.loads(request).get("response_format", config.response_format) if request else
+               config.response_format for request in block.column("_request").to_pylist()]
     parsed, error_types, errors = _validate(text.to_pylist(), block.column("_error_type").to_pylist(),
-                                            block.column("_error").to_pylist(), config.response_format)
+                                            block.column("_error").to_pylist(), formats)
     columns = {
         "id": block.column("id"),
         "variant": pa.array([config.variant] * count, pa.string()),
@@ -165,14 +180,12 @@ def results_table(block: pa.Table, config: WriteConfig) -> pa.Table:
 
 
 def _validate(texts: list[str | None], error_types: list[str | None], errors: list[str | None],
-              response_format: dict[str, Any] | None) -> tuple[list[str | None], list[str | None], list[str | None]]:
-    """`parsed` per row, and error rows for answers that do not satisfy the response format."""
+              formats: list[dict[str, Any] | None]) -> tuple[list[str | None], list[str | None], list[str | None]]:
+    """`parsed` per row, and error rows for answers that do not satisfy their row's response format."""
     parsed: list[str | None] = [None] * len(texts)
-    if response_format is None:
-        return parsed, error_types, errors
     error_types, errors = list(error_types), list(errors)
-    for index, text in enumerate(texts):
-        if text is None:
+    for index, (text, response_format) in enumerate(zip(texts, formats)):
+        if text is None or response_format is None:
             continue
         value, problem = parse_structured(text, response_format)
         if problem is None:
@@ -199,6 +212,8 @@ def parse_structured(text: str, response_format: dict[str, Any]) -> tuple[str | 
         value = json.loads(text)
     except json.JSONDecodeError as exc:
         return None, f"answer is not complete JSON ({exc.msg} at column {exc.colno}); raise max_tokens if it was cut off"
+    if "json_object" in response_format:
+        return (text, None) if isinstance(value, dict) else (None, "answer is JSON but not an object")
     problems = sorted(Draft202012Validator(response_format["json_schema"]).iter_errors(value), key=str)
     if problems:
         return None, f"answer does not satisfy the JSON schema: {problems[0].message}"

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import string
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,7 +25,11 @@ class InputSpec(_Strict):
     """Where the rows come from."""
 
     path: str = Field(description="A file, a folder (read recursively) or a glob; s3://, gs://, file:// or a local path.")
-    format: Literal["parquet", "jsonl", "csv"] = Field(description="File format of every input file.")
+    format: Literal["parquet", "jsonl", "csv", "openai-batch"] = Field(
+        description="File format of every input file; `openai-batch` reads OpenAI Batch API request files (JSONL with "
+        "custom_id and a chat-completions body): ids from custom_id, chats from body.messages, body.model in column "
+        "`model` for routing, and per-row max_tokens, temperature, top_p, seed, stop and response_format."
+    )
     id_column: str | None = Field(
         None,
         description="Column holding each row's unique id. Without it a row's id is `<file>:<row>`: the file's path "
@@ -131,6 +137,10 @@ class ModelSpec(_Strict):
         description="This model's name in the output `variant` column, in routing and in output paths; defaults to "
         "the catalog name. Set it to run one variant twice (e.g. thinking on and off).",
     )
+    aliases: list[str] = Field(
+        default_factory=list, description="Other values of `route_column` that pick this model, e.g. the OpenAI model "
+        "names of a batch file (`gpt-4o-mini`)."
+    )
     thinking: Literal["on", "off"] = Field(
         "off", description="Qwen3 thinking: `on` lets the model reason in a `<think>` block before answering "
         "(split into `reasoning_text`); passed to the chat template as `enable_thinking`."
@@ -210,6 +220,10 @@ class OutputSpec(_Strict):
     """Where the results go."""
 
     path: str = Field(description="Output folder; s3://, gs://, file:// or a local path. One job per folder.")
+    format: Literal["parquet", "openai-batch"] = Field(
+        "parquet", description="`openai-batch` also writes `_openai/output.jsonl` in the OpenAI Batch API's output-file "
+        "shape (one line per row, `error` set for failed rows), besides the Parquet."
+    )
     storage_options: dict[str, Any] = Field(
         default_factory=dict, description="Options passed to fsspec for the output; secrets are redacted."
     )
@@ -277,7 +291,10 @@ class JobSpec(_Strict):
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$", description="Job name: letters, digits, `.`, `_`, `-`.")
     input: InputSpec = Field(description="Where the rows come from.")
-    prompt: PromptSpec = Field(description="How a row becomes chat messages.")
+    prompt: PromptSpec | None = Field(
+        None, description="How a row becomes chat messages; required except for `openai-batch` input, whose "
+        "requests carry their messages."
+    )
     model: ModelSpec | None = Field(None, description="Which Qwen model answers (or `models` for several).")
     models: list[ModelSpec] | None = Field(
         None, min_length=1, description="Several models: each answers every row (fan-out), or the rows `route_column` "
@@ -295,6 +312,17 @@ class JobSpec(_Strict):
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="How much of the cluster the job uses.")
     engine: EngineSpec = Field(default_factory=EngineSpec, description="vLLM engine settings.")
     prices: PricesSpec = Field(default_factory=PricesSpec, description="Price overrides for the cost columns.")
+
+    @model_validator(mode="after")
+    def _prompt(self) -> JobSpec:
+        if self.input.format == "openai-batch":
+            if self.prompt is not None and self.prompt.messages_column != "messages":
+                raise ValueError("openai-batch input takes its chats from each request's body.messages; drop `prompt` "
+                                 "(or set prompt.messages_column: messages, optionally with a system message)")
+            self.prompt = self.prompt or PromptSpec(messages_column="messages")
+        elif self.prompt is None:
+            raise ValueError("`prompt` is required: give prompt.template or prompt.messages_column")
+        return self
 
     @model_validator(mode="after")
     def _models(self) -> JobSpec:
@@ -321,14 +349,19 @@ class JobSpec(_Strict):
         decisive = self.model_dump(
             mode="json",
             include={"input": {"path", "format", "id_column", "carry_columns", "rows_per_shard"}, "prompt": True,
-                     "model": True, "models": True, "route_column": True, "response_format": True, "sampling": True,
-                     "prices": {"input_per_mtok", "output_per_mtok"}},
+                     "output": {"format"}, "model": True, "models": True, "route_column": True,
+                     "response_format": True, "sampling": True, "prices": {"input_per_mtok", "output_per_mtok"}},
         )
         return hashlib.sha256(json.dumps(decisive, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def load_spec(source: str | Path | dict[str, Any]) -> JobSpec:
-    """Parse and validate a spec from a YAML/JSON file or a dict; every problem raises one SpecError."""
+def load_spec(source: str | Path | dict[str, Any], logical_date: datetime | None = None) -> JobSpec:
+    """Parse and validate a spec from a YAML/JSON file or a dict; every problem raises one SpecError.
+
+    `{ds}`, `{ds_nodash}`, `{ts}` and `{ts_nodash}` in `name`, `input.path` and `output.path` become the run's
+    logical date (`logical_date`, else $QWEN_BATCH_LOGICAL_DATE), so each scheduled slot has its own input, output
+    and job id, and a rerun of a slot resumes it. Prompt templates are left alone: their `{...}` are columns.
+    """
     if isinstance(source, dict):
         raw, where = source, "spec"
     else:
@@ -343,10 +376,108 @@ def load_spec(source: str | Path | dict[str, Any]) -> JobSpec:
             raise SpecError(f"{where} is not valid YAML or JSON: {exc}") from None
         if not isinstance(raw, dict):
             raise SpecError(f"{where} must hold a mapping of spec fields, found {type(raw).__name__}")
+    raw, filled, problems = _fill_logical_date(raw, logical_date)
+    messages = list(problems.values())
     try:
-        return JobSpec.model_validate(raw)
+        spec = JobSpec.model_validate(raw)
     except ValidationError as exc:
-        raise SpecError([_describe(error) for error in exc.errors()]) from None
+        for error in exc.errors():
+            field = ".".join(str(part) for part in error["loc"])
+            if field in problems:
+                continue
+            message = _describe(error)
+            if field in filled:
+                message += f" (from {filled[field]!r} with the logical date filled in)"
+                if field == "name" and "{ts}" in filled[field]:
+                    message += "; {ts} holds ':' and '+', so a name takes {ds}, {ds_nodash} or {ts_nodash}"
+            messages.append(message)
+    if messages:
+        raise SpecError(messages)
+    return spec
+
+
+LOGICAL_DATE_ENV = "QWEN_BATCH_LOGICAL_DATE"
+LOGICAL_DATE_PLACEHOLDERS = ("ds", "ds_nodash", "ts", "ts_nodash")
+
+
+def parse_logical_date(text: str, where: str = "--logical-date") -> datetime:
+    """A logical date from `YYYY-MM-DD` or an ISO 8601 datetime, in UTC; a time without a zone is UTC."""
+    value = text.strip()
+    try:
+        if not re.fullmatch(r"\d{4}-\d{2}-\d{2}([T ].+)?", value):
+            raise ValueError(value)
+        parsed = datetime.fromisoformat(value[:-1] + "+00:00" if value[-1] in "Zz" else value)
+    except ValueError:
+        raise SpecError(f"{where}: found {text!r}; expected a date YYYY-MM-DD or an ISO 8601 datetime such as "
+                        "2026-11-28T02:00:00Z (a time without a zone is UTC)") from None
+    return parsed.replace(tzinfo=timezone.utc) if parsed.tzinfo is None else parsed.astimezone(timezone.utc)
+
+
+def logical_date_from_env() -> datetime | None:
+    """The logical date in $QWEN_BATCH_LOGICAL_DATE, or None when it is unset or empty."""
+    text = os.environ.get(LOGICAL_DATE_ENV, "").strip()
+    return parse_logical_date(text, LOGICAL_DATE_ENV) if text else None
+
+
+def logical_date_values(logical_date: datetime) -> dict[str, str]:
+    """What each placeholder becomes, as Airflow's `ds`, `ds_nodash`, `ts`, `ts_nodash`, in UTC."""
+    moment = (logical_date.replace(tzinfo=timezone.utc) if logical_date.tzinfo is None
+              else logical_date.astimezone(timezone.utc))
+    return {"ds": f"{moment:%Y-%m-%d}", "ds_nodash": f"{moment:%Y%m%d}", "ts": moment.isoformat(),
+            "ts_nodash": f"{moment:%Y%m%dT%H%M%S}"}
+
+
+def _fill_logical_date(raw: dict[str, Any],
+                       logical_date: datetime | None) -> tuple[dict[str, Any], dict[str, str], dict[str, str]]:
+    """`raw` with the logical date filled into name, input.path and output.path (a copy), the original text of each
+    field it changed, and a problem per field it could not fill."""
+    sections = {section: dict(raw[section]) for section in ("input", "output") if isinstance(raw.get(section), dict)}
+    raw = {**raw, **sections}
+    holders = {"name": (raw, "name"), "input.path": (raw.get("input"), "path"),
+               "output.path": (raw.get("output"), "path")}
+    texts = {where: holder[key] for where, (holder, key) in holders.items()
+             if isinstance(holder, dict) and isinstance(holder.get(key), str)}
+    parts: dict[str, list[tuple[str, str | None]]] = {}
+    problems: dict[str, str] = {}
+    for where, text in texts.items():
+        try:
+            parts[where] = _date_template(text)
+        except ValueError as exc:
+            problems[where] = f"{where}: found {text!r}; {exc}"
+    dated = [where for where, pieces in parts.items() if any(field for _, field in pieces)]
+    if dated and logical_date is None:
+        logical_date = logical_date_from_env()
+    if dated and logical_date is None:
+        for where in dated:
+            problems[where] = (f"{where}: found {texts[where]!r}, which needs the run's logical date; pass "
+                               f"--logical-date YYYY-MM-DD (or an ISO datetime) or set {LOGICAL_DATE_ENV}")
+            del parts[where]
+    values = logical_date_values(logical_date) if logical_date is not None else {}
+    filled: dict[str, str] = {}
+    for where, pieces in parts.items():
+        text = "".join(literal + (values[field] if field else "") for literal, field in pieces)
+        if text != texts[where]:
+            holder, key = holders[where]
+            holder[key] = text  # type: ignore[index]
+            filled[where] = texts[where]
+    return raw, filled, problems
+
+
+def _date_template(text: str) -> list[tuple[str, str | None]]:
+    """A name or path as (literal text, placeholder or None) pieces; ValueError on braces that are not ours."""
+    escape = "write a literal brace as {{ or }}"
+    try:
+        parsed = list(string.Formatter().parse(text))
+    except ValueError as exc:
+        raise ValueError(f"{exc}; {escape}") from None
+    unknown = ["{" + field + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
+               for _, field, spec, conversion in parsed
+               if field is not None and (field not in LOGICAL_DATE_PLACEHOLDERS or spec or conversion)]
+    if unknown:
+        known = ", ".join("{" + name + "}" for name in LOGICAL_DATE_PLACEHOLDERS)
+        raise ValueError(f"unknown placeholder(s) {', '.join(unknown)}; the placeholders are {known} (the logical "
+                         f"date); {escape}")
+    return [(literal, field) for literal, field, _, _ in parsed]
 
 
 def _describe(error: dict[str, Any]) -> str:

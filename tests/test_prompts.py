@@ -80,6 +80,7 @@ def hand_block(prompts: list[dict[str, Any] | None], errors: dict[int, tuple[str
         "_prompt": [None if p is None else json.dumps(p) for p in prompts],
         "_error_type": [errors.get(i, (None, None))[0] for i in range(count)],
         "_error": [errors.get(i, (None, None))[1] for i in range(count)],
+        "_request": [None] * count,
     }
     table = pa.table(columns, schema=BLOCK_SCHEMA)
     for name, values in carry.items():
@@ -280,7 +281,7 @@ def test_prompt_too_long_states_the_numbers(bare_stage: PromptStage, tokenizer: 
     assert f"prompt is {prompt_tokens} tokens" in error
     assert f"with max_tokens {MAX_TOKENS} that is {prompt_tokens + MAX_TOKENS}" in error
     assert f"over max_model_len {max_model_len} by {prompt_tokens + MAX_TOKENS - max_model_len}" in error
-    assert "lower sampling.max_tokens or raise model.max_model_len" in error
+    assert "lower max_tokens or raise model.max_model_len" in error
     assert fitting == short == (None, None)
     assert out.column("prompt_token_ids")[0].as_py() is None
     assert len(out.column("prompt_token_ids")[1].as_py()) == fitting_tokens

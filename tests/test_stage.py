@@ -46,7 +46,7 @@ def test_wiring_in_the_wrong_order_fails_at_the_first_stage_short_of_columns() -
 
 
 def test_wiring_from_a_source_without_the_read_columns_names_them() -> None:
-    with pytest.raises(KeyError, match=r"\['_error', '_error_type'\] not found at the input of PromptStage"):
+    with pytest.raises(KeyError, match=r"\['_error', '_error_type', '_request'\] not found at the input of PromptStage"):
         check_wiring(["_shard", "id", "source_file", "source_row", "_prompt"], [PromptStage, EngineStage, WriteStage])
 
 

@@ -48,6 +48,7 @@ def engine_block(rows: list[dict[str, Any]] = ROWS, shard: str = SHARD, first_ro
         "_prompt": ['{"q": "x"}'] * count,
         "_error_type": [row["error"][0] if row["error"] else None for row in rows],
         "_error": [row["error"][1] if row["error"] else None for row in rows],
+        "_request": [None] * count,
     }
     table = pa.table(columns, schema=BLOCK_SCHEMA)
     table = table.append_column("stars", pa.array([row["stars"] for row in rows], pa.int64()))

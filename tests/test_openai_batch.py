@@ -1,0 +1,105 @@
+"""OpenAI Batch API files in and out, checked against the example lines of OpenAI's Batch API guide."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from jobs.driver import run_job
+from pipelines.openai_batch import parse_request, response_line
+from schemas.errors import RowError
+from schemas.spec import load_spec
+
+# The two request lines of OpenAI's Batch API guide ("Preparing your batch file"), verbatim.
+GUIDE_LINES = [
+    '{"custom_id": "request-1", "method": "POST", "url": "/v1/chat/completions", "body": {"model": '
+    '"gpt-3.5-turbo-0125", "messages": [{"role": "system", "content": "You are a helpful assistant."},{"role": '
+    '"user", "content": "Hello world!"}],"max_tokens": 1000}}',
+    '{"custom_id": "request-2", "method": "POST", "url": "/v1/chat/completions", "body": {"model": '
+    '"gpt-3.5-turbo-0125", "messages": [{"role": "system", "content": "You are an unhelpful assistant."},{"role": '
+    '"user", "content": "Hello world!"}],"max_tokens": 1000}}',
+]
+SCHEMA = {"type": "object", "properties": {"mood": {"enum": ["happy", "sad"]}}, "required": ["mood"],
+          "additionalProperties": False}
+MORE_LINES = [
+    json.dumps({"custom_id": "request-3", "method": "POST", "url": "/v1/chat/completions", "body": {
+        "model": "gpt-4o-mini", "messages": [{"role": "user", "content": "How do you feel?"}], "max_tokens": 20,
+        "temperature": 0, "response_format": {"type": "json_schema", "json_schema": {"name": "m", "schema": SCHEMA}}}}),
+    json.dumps({"custom_id": "request-4", "method": "POST", "url": "/v1/embeddings",
+                "body": {"model": "text-embedding-3-small", "input": "hi"}}),
+]
+
+
+def test_guide_request_line_parses_to_messages_model_and_overrides():
+    columns, overrides = parse_request(json.loads(GUIDE_LINES[0]))
+    assert columns["custom_id"] == "request-1" and columns["model"] == "gpt-3.5-turbo-0125"
+    assert columns["messages"][1] == {"role": "user", "content": "Hello world!"}
+    assert overrides == {"max_tokens": 1000}
+
+
+def test_request_fields_become_sampling_and_response_format_overrides():
+    _, overrides = parse_request(json.loads(MORE_LINES[0]))
+    assert overrides == {"max_tokens": 20, "temperature": 0, "response_format": {"json_schema": SCHEMA}}
+
+
+@pytest.mark.parametrize("line,message", [
+    ({"custom_id": "x", "method": "POST", "url": "/v1/embeddings", "body": {}}, "only chat completions"),
+    ({"custom_id": "x", "method": "POST", "url": "/v1/chat/completions", "body": "hi"}, "`body` must be an object"),
+    ({"custom_id": "x", "url": "/v1/chat/completions", "body": {"messages": [], "tools": []}}, "['tools'] are not"),
+    ({"custom_id": "x", "url": "/v1/chat/completions", "body": {"messages": [], "n": 2}}, "n > 1"),
+    ({"custom_id": "x", "url": "/v1/chat/completions", "body": {"messages": [], "max_tokens": 0}}, "positive integer"),
+    ({"custom_id": "x", "url": "/v1/chat/completions", "body": {"response_format": {"type": "xml"}}}, "json_schema"),
+])
+def test_requests_we_cannot_honour_are_refused_with_a_reason(line, message):
+    with pytest.raises(RowError, match=message.replace("[", r"\[").replace("]", r"\]")) as caught:
+        parse_request(line)
+    assert caught.value.error_type == "invalid_request"
+
+
+def test_response_line_has_openais_output_shape_with_usage():
+    row = {"id": "request-2", "variant": "tiny-qwen2", "generated_text": "Hello.", "finish_reason": "stop",
+           "prompt_tokens": 22, "completion_tokens": 2, "total_tokens": 24, "cached_tokens": 0, "reasoning_tokens": 0,
+           "reasoning_text": None, "error_type": None, "error": None}
+    line = response_line(row, "job-1", 1711652795)
+    assert set(line) == {"id", "custom_id", "response", "error"} and line["custom_id"] == "request-2"
+    assert line["id"].startswith("batch_req_") and line["error"] is None
+    body = line["response"]["body"]
+    assert line["response"]["status_code"] == 200 and body["object"] == "chat.completion"
+    assert body["choices"][0] == {"index": 0, "message": {"role": "assistant", "content": "Hello."}, "logprobs": None,
+                                  "finish_reason": "stop"}
+    assert body["usage"]["prompt_tokens"] == 22 and body["usage"]["total_tokens"] == 24
+    assert response_line(row, "job-1", 1) ["id"] == line["id"], "ids must not change when a shard is rewritten"
+
+
+@pytest.mark.engine
+def test_openai_batch_file_in_and_out_changing_only_the_model_names(tmp_path: Path, ray_local):
+    batch = tmp_path / "batch" / "requests.jsonl"
+    batch.parent.mkdir()
+    batch.write_text("\n".join(GUIDE_LINES + MORE_LINES) + "\n")
+    spec = {
+        "name": "moved-off-openai",
+        "input": {"path": str(batch), "format": "openai-batch"},
+        "models": [{"variant": "tiny-qwen2", "aliases": ["gpt-3.5-turbo-0125"]},
+                   {"variant": "tiny-qwen3", "aliases": ["gpt-4o-mini"]}],
+        "route_column": "model",
+        "sampling": {"max_tokens": 16, "temperature": 0},
+        "output": {"path": str(tmp_path / "out"), "format": "openai-batch"},
+    }
+    manifest = run_job(load_spec(spec))
+    rows = {r["id"]: r for r in pq.read_table(tmp_path / "out").to_pylist()}
+    lines = {line["custom_id"]: line for line in map(json.loads, (tmp_path / "out/_openai/output.jsonl").open())}
+    assert set(rows) == set(lines) == {"request-1", "request-2", "request-3", "request-4"}
+    for custom_id in ("request-1", "request-2"):
+        row, body = rows[custom_id], lines[custom_id]["response"]["body"]
+        assert row["variant"] == "tiny-qwen2" and row["error_type"] is None
+        assert row["completion_tokens"] <= 1000 and row["finish_reason"] in ("stop", "length")
+        assert body["usage"]["prompt_tokens"] == row["prompt_tokens"]
+        assert body["usage"]["completion_tokens"] == row["completion_tokens"]
+        assert body["choices"][0]["message"]["content"] == row["generated_text"]
+    structured = rows["request-3"]
+    assert structured["variant"] == "tiny-qwen3" and json.loads(structured["parsed"])["mood"] in ("happy", "sad")
+    assert lines["request-4"]["response"] is None and lines["request-4"]["error"]["code"] == "invalid_request"
+    assert manifest.rows_in == 4 and manifest.rows_failed == 1 and manifest.structured_validity_rate == 1.0
