@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from datetime import datetime
 from typing import Any
 
 import yaml
@@ -103,10 +104,15 @@ def render_yaml(spec: JobSpec, *, image: str, gpus_per_worker: int, workers: int
     return yaml.dump_all([configmap, rayjob], Dumper=_BlockDumper, sort_keys=False)
 
 
-def render_command(spec_path: str, image: str, gpus_per_worker: int, workers: int, namespace: str) -> str:
-    """`qwen-batch render k8s SPEC --image IMG`: the manifests for the spec file, as YAML text."""
-    return render_yaml(load_spec(spec_path), image=image, gpus_per_worker=gpus_per_worker, workers=workers,
-                       namespace=namespace)
+def render_command(spec_path: str, image: str, gpus_per_worker: int, workers: int, namespace: str, *,
+                   logical_date: datetime | None = None) -> str:
+    """`qwen-batch render k8s SPEC --image IMG`: the manifests for the spec file, as YAML text.
+
+    A `logical_date` is filled into the spec's name and paths, so the RayJob runs that one slot (a backfill);
+    for a schedule, see cluster/kuberay/nightly.yaml.
+    """
+    return render_yaml(load_spec(spec_path, logical_date), image=image, gpus_per_worker=gpus_per_worker,
+                       workers=workers, namespace=namespace)
 
 
 def _replica_shape(spec: JobSpec, gpus_per_worker: int) -> tuple[int, int]:

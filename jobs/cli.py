@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
+from datetime import datetime
 from pathlib import Path
 
 from schemas.errors import SpecError
@@ -33,16 +34,19 @@ def _parser() -> argparse.ArgumentParser:
 
     validate = commands.add_parser("validate", help="Check a spec against its input, model and output; print the plan.")
     validate.add_argument("spec", help="Job spec, YAML or JSON.")
+    _add_logical_date(validate)
     validate.set_defaults(handler=_validate)
 
     run = commands.add_parser("run", help="Run a job (resuming an unfinished run of the same spec).")
     run.add_argument("spec", help="Job spec, YAML or JSON.")
+    _add_logical_date(run)
     run.add_argument("--address", help="Ray cluster address; default RAY_ADDRESS, else a local Ray.")
     run.add_argument("--overwrite", action="store_true", help="Delete what the output folder holds and start over.")
     run.set_defaults(handler=_run)
 
     plan = commands.add_parser("plan", help="Tensor parallelism, replicas, KV capacity, time and cost on a GPU cluster.")
     plan.add_argument("spec", help="Job spec, YAML or JSON.")
+    _add_logical_date(plan)
     plan.add_argument("--gpu-type", default="h100-80gb", help="GPU model (see cluster/planner.py GPU_TYPES).")
     plan.add_argument("--gpus", type=int, default=8, help="GPUs in the cluster.")
     plan.set_defaults(handler=_plan)
@@ -50,6 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     render = commands.add_parser("render", help="Write deployment manifests for a spec.")
     render.add_argument("target", choices=["k8s"], help="`k8s`: a KubeRay RayJob plus the ConfigMap holding the spec.")
     render.add_argument("spec", help="Job spec, YAML or JSON.")
+    _add_logical_date(render)
     render.add_argument("--image", required=True, help="Container image with qwen-batch[gpu] and Ray 2.60.")
     render.add_argument("--gpus-per-worker", type=int, default=8, help="GPUs on one worker node.")
     render.add_argument("--workers", type=int, default=0, help="Worker pods; 0 starts as many as the replicas need.")
@@ -78,6 +83,7 @@ def _parser() -> argparse.ArgumentParser:
     address_help = "Ray dashboard address, http://HEAD:8265; default RAY_ADDRESS."
     submit = commands.add_parser("submit", help="Submit a job to a Ray cluster through the Jobs API; print its id.")
     submit.add_argument("spec", help="Job spec, YAML or JSON.")
+    _add_logical_date(submit, " Passed on to `run` on the cluster.")
     submit.add_argument("--address", default=os.environ.get("RAY_ADDRESS"), help=address_help)
     submit.add_argument("--overwrite", action="store_true", help="Pass --overwrite to `run` on the cluster.")
     submit.add_argument("--python", default="python", help="Interpreter on the head node that has Ray and vLLM; "
@@ -98,11 +104,24 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_logical_date(command: argparse.ArgumentParser, more: str = "") -> None:
+    command.add_argument("--logical-date", metavar="DATE", help="The run's logical date, YYYY-MM-DD or an ISO "
+                         "datetime (no zone: UTC), for {ds}, {ds_nodash}, {ts} and {ts_nodash} in the spec's name and "
+                         "paths; default QWEN_BATCH_LOGICAL_DATE." + more)
+
+
+def _logical_date(args: argparse.Namespace) -> datetime | None:
+    """--logical-date, parsed; None when not given (load_spec then reads QWEN_BATCH_LOGICAL_DATE)."""
+    from schemas.spec import parse_logical_date
+
+    return None if args.logical_date is None else parse_logical_date(args.logical_date)
+
+
 def _validate(args: argparse.Namespace) -> int:
     from jobs.driver import plan_job
     from schemas.spec import load_spec
 
-    plan = plan_job(load_spec(args.spec))
+    plan = plan_job(load_spec(args.spec, _logical_date(args)))
     print(json.dumps({
         "job_id": plan.job_id, "input_files": len({s.file for s in plan.shards}), "shards": len(plan.shards),
         "rows": plan.rows, "bad_files": plan.bad_files, "output": plan.layout.output,
@@ -117,14 +136,15 @@ def _plan(args: argparse.Namespace) -> int:
     from jobs.estimate import estimate_job
     from schemas.spec import load_spec
 
-    print(estimate_job(load_spec(args.spec), args.gpu_type, args.gpus))
+    print(estimate_job(load_spec(args.spec, _logical_date(args)), args.gpu_type, args.gpus))
     return 0
 
 
 def _render(args: argparse.Namespace) -> int:
     from cluster.render import render_command
 
-    print(render_command(args.spec, args.image, args.gpus_per_worker, args.workers, args.namespace), end="")
+    print(render_command(args.spec, args.image, args.gpus_per_worker, args.workers, args.namespace,
+                         logical_date=_logical_date(args)), end="")
     return 0
 
 
@@ -132,7 +152,7 @@ def _run(args: argparse.Namespace) -> int:
     from jobs.driver import run_job
     from schemas.spec import load_spec
 
-    manifest = run_job(load_spec(args.spec), address=args.address, overwrite=args.overwrite)
+    manifest = run_job(load_spec(args.spec, _logical_date(args)), address=args.address, overwrite=args.overwrite)
     print(_summary(manifest))
     return 0 if manifest.complete else 1
 
@@ -209,7 +229,7 @@ def _submit(args: argparse.Namespace) -> int:
     from jobs.submit import job_logs, job_status, submit_job
 
     submission_id = submit_job(args.spec, args.address, extra_args=["--overwrite"] if args.overwrite else None,
-                               python=args.python)
+                               python=args.python, logical_date=_logical_date(args))
     print(submission_id, flush=True)
     if not args.wait:
         return 0

@@ -16,6 +16,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,19 +34,23 @@ TERMINAL_STATUSES = frozenset({"SUCCEEDED", "FAILED", "STOPPED"})
 
 
 def submit_job(spec_path: str, address: str, *, extra_args: list[str] | None = None, wait: bool = False,
-               python: str = "python") -> str:
+               python: str = "python", logical_date: datetime | None = None) -> str:
     """Submit a spec to the cluster whose dashboard is at `address` (`http://HEAD:8265`); return the submission id.
 
     `extra_args` are appended to `qwen-batch run` (e.g. `["--overwrite"]`). `python` is the interpreter the
     entrypoint runs with on the head node: the default `python` must resolve, on the PATH the cluster was started
     with, to the environment that has Ray and vLLM (true in Ray's images and KubeRay); else give its full path.
-    With `wait`, return only when the job has ended, raising RuntimeError unless it SUCCEEDED.
+    With `wait`, return only when the job has ended, raising RuntimeError unless it SUCCEEDED. The logical date
+    (`logical_date`, else QWEN_BATCH_LOGICAL_DATE here) goes to `run` as `--logical-date`, since the cluster does
+    not share this machine's environment.
     """
-    from schemas.spec import load_spec
+    from schemas.spec import load_spec, logical_date_from_env
 
-    spec = load_spec(spec_path)
+    logical_date = logical_date or logical_date_from_env()
+    spec = load_spec(spec_path, logical_date)
     _check_reachable_paths(spec_path, {"input.path": spec.input.path, "output.path": spec.output.path})
-    entrypoint = shlex.join([python, "-m", "jobs.cli", "run", SPEC_NAME, *(extra_args or [])])
+    dated = ["--logical-date", logical_date.isoformat()] if logical_date else []
+    entrypoint = shlex.join([python, "-m", "jobs.cli", "run", SPEC_NAME, *dated, *(extra_args or [])])
     client = _client(address)
     with tempfile.TemporaryDirectory(prefix="qwen-batch-submit-") as folder:
         shutil.copyfile(spec_path, Path(folder) / SPEC_NAME)

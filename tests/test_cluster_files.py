@@ -7,6 +7,7 @@ import copy
 import json
 import re
 from collections.abc import Iterator
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,12 @@ from schemas.errors import SpecError
 from schemas.spec import JobSpec, load_spec
 
 CLUSTER = Path(__file__).resolve().parents[1] / "cluster"
+@pytest.fixture(autouse=True)
+def logical_date(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sample specs write to `{ds}` folders: rendering one needs the run's date, as the CLI's --logical-date gives."""
+    monkeypatch.setenv("QWEN_BATCH_LOGICAL_DATE", "2026-11-28")
+
+
 # Field names of the KubeRay v1.7.0 CRDs; the file says where they come from.
 CRD = json.loads((Path(__file__).parent / "data" / "kuberay_fields.json").read_text())
 # Top-level keys of a cluster-launcher config, from Ray's "Cluster YAML Configuration Options" reference.
@@ -220,7 +227,8 @@ def test_rayjob_runs_the_mounted_spec_and_cleans_up():
 @pytest.mark.parametrize("name", ["rayjob.yaml", "nightly.yaml"])
 def test_sample_specs_are_valid_and_fit_their_workers(name: str):
     path = CLUSTER / "kuberay" / name
-    spec = load_spec(yaml.safe_load(only_configmap_with(path, "job.yaml")["data"]["job.yaml"]))
+    spec = load_spec(yaml.safe_load(only_configmap_with(path, "job.yaml")["data"]["job.yaml"]),
+                     logical_date=datetime(2026, 11, 28, tzinfo=timezone.utc))  # nightly.yaml's paths hold {ds}
     (obj,) = [obj for where, obj in KUBERAY_OBJECTS if where.startswith(f"kuberay/{name}")]
     gpus = worker_gpus(cluster_spec(obj))
     plan = plan_replicas(spec, spec.variants[0], get_variant(spec.variants[0].catalog_name), 4096, gpus)
