@@ -18,6 +18,8 @@ from importlib import metadata
 from pathlib import Path
 
 from jobs.progress import Progress
+from pyarrow import ArrowException
+
 from pipelines import storage
 from pipelines.engine import EngineConfig
 from pipelines.prompts import PromptConfig, Routes
@@ -115,8 +117,11 @@ def plan_job(spec: JobSpec, *, overwrite: bool = False) -> JobPlan:
         problems.append(f"input.carry_columns: {clashing} clash with output columns of the same name; rename them")
     files = storage.list_files(spec.input.path, spec.input.storage_options)
     needed = [c for c in (spec.input.id_column, *prompt_columns(spec), *spec.input.carry_columns) if c]
-    for info in files[:1] if spec.input.format != "parquet" else files:
-        columns = input_columns(spec.input, info)
+    for info in files if spec.input.format in ("parquet", "csv") else []:
+        try:
+            columns = input_columns(spec.input, info)
+        except (OSError, ArrowException, ValueError):
+            continue  # an unreadable file is plan_shards' to refuse or skip, as input.on_bad_file says
         missing = [c for c in needed if columns is not None and c not in columns]
         if missing:
             problems.append(f"input file {info.url} has no column(s) {missing} that the spec uses "

@@ -1,0 +1,594 @@
+"""A corpus of bad input of every kind: what fails the job before any engine starts, what becomes an error row, what
+skips a file, and that credentials and prompt text never reach logs or output files."""
+
+from __future__ import annotations
+
+import functools
+import io
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from jobs.driver import plan_job, run_job
+from pipelines import storage
+from pipelines.storage import RetryPolicy
+from schemas.catalog import get_variant
+from schemas.errors import SpecError
+from schemas.spec import load_spec
+
+REPO = Path(__file__).resolve().parent.parent
+SYSTEM = "Answer in one word."
+TEMPLATE = "Q: {text}"
+MAX_MODEL_LEN = 256
+MAX_TOKENS = 4
+# Our own S3 client options, never shared with another test's cached filesystem (fsspec caches filesystems by their
+# options, not by the environment, so a dead endpoint or a wrong secret set in the environment would otherwise stick).
+PRIVATE_S3_CLIENT = {"skip_instance_cache": True}
+NO_BOTOCORE_RETRIES = {"config_kwargs": {"retries": {"total_max_attempts": 1}}}
+
+
+def spec_of(root: Path | str, **sections: Any) -> dict[str, Any]:
+    """A valid spec over `root/input` (Parquet) writing to `root/output`, with the given sections' fields changed.
+
+    It names a catalog variant that needs no local checkpoint, so planning it touches no model."""
+    spec: dict[str, Any] = {
+        "name": "bad-input",
+        "input": {"path": f"{root}/input", "format": "parquet", "id_column": "rid"},
+        "prompt": {"system": SYSTEM, "template": TEMPLATE},
+        "model": {"variant": "qwen2.5-0.5b-instruct", "max_model_len": MAX_MODEL_LEN},
+        "sampling": {"max_tokens": MAX_TOKENS, "temperature": 0},
+        "output": {"path": f"{root}/output"},
+    }
+    for section, fields in sections.items():
+        spec[section] = {**spec[section], **fields} if isinstance(fields, dict) else fields
+    return spec
+
+
+def write_parquet(path: Path | str, rows: list[dict[str, Any]]) -> None:
+    sink = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows), sink)
+    storage.write_bytes(str(path), sink.getvalue())
+
+
+def planning_error(spec: dict[str, Any]) -> SpecError:
+    """The SpecError that loading and planning the spec raises."""
+    with pytest.raises(SpecError) as caught:
+        plan_job(load_spec(spec))
+    return caught.value
+
+
+def closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture
+def parquet_input(tmp_path: Path) -> Path:
+    """Two good Parquet files with columns rid and text under tmp_path/input."""
+    write_parquet(tmp_path / "input" / "a.parquet", [{"rid": "a0", "text": "hello"}, {"rid": "a1", "text": "bye"}])
+    write_parquet(tmp_path / "input" / "b.parquet", [{"rid": "b0", "text": "again"}])
+    return tmp_path
+
+
+@pytest.fixture
+def fast_retries(monkeypatch: pytest.MonkeyPatch) -> RetryPolicy:
+    policy = RetryPolicy(attempts=2, first_delay_s=0.01, max_delay_s=0.01)
+    monkeypatch.setattr(storage, "RETRY_POLICY", policy)
+    return policy
+
+
+# Spec-level problems: SpecError before any engine starts; no Ray needed.
+
+
+def test_invalid_yaml_names_the_file_and_position(tmp_path: Path) -> None:
+    spec_file = tmp_path / "job.yaml"
+    spec_file.write_text("name: x\ninput: {path: [unclosed\n")
+
+    with pytest.raises(SpecError) as caught:
+        load_spec(spec_file)
+
+    message = str(caught.value)
+    assert message.startswith(f"{spec_file} is not valid YAML or JSON")
+    assert "line 2" in message
+
+
+def test_unknown_field_names_its_path(parquet_input: Path) -> None:
+    error = planning_error(spec_of(parquet_input, input={"formt": "parquet"}))
+
+    assert error.problems == ["input.formt: unknown field; remove it or check its spelling against the spec "
+                              "reference in README.md"]
+
+
+def test_unknown_variant_suggests_close_names(parquet_input: Path) -> None:
+    message = str(planning_error(spec_of(parquet_input, model={"variant": "qwen2.5-7b-instrct"})))
+
+    assert message.startswith("model.variant: 'qwen2.5-7b-instrct' is not in the catalog. Closest: qwen2.5-7b-instruct")
+    assert "`qwen-batch models` lists them all" in message
+
+
+def test_missing_input_path_names_the_path(tmp_path: Path) -> None:
+    message = str(planning_error(spec_of(tmp_path, input={"path": str(tmp_path / "nowhere")})))
+
+    assert message == f"no input files at {tmp_path / 'nowhere'}: the path does not exist; check input.path"
+
+
+def test_empty_input_folder_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "input").mkdir()
+    (tmp_path / "input" / "_SUCCESS").write_bytes(b"")
+
+    message = str(planning_error(spec_of(tmp_path)))
+
+    assert message.startswith(f"no input files at {tmp_path / 'input'}: the folder is empty or holds only names "
+                              "starting with _ or .")
+
+
+def test_unknown_format_names_the_value_and_the_choices(parquet_input: Path) -> None:
+    [problem] = planning_error(spec_of(parquet_input, input={"format": "xml"})).problems
+
+    assert problem.startswith("input.format: found 'xml'; Input should be ")
+    assert all(f"'{choice}'" in problem for choice in ("parquet", "jsonl", "csv"))
+
+
+def test_template_column_missing_from_a_parquet_footer_names_the_file_and_column(parquet_input: Path) -> None:
+    error = planning_error(spec_of(parquet_input, prompt={"template": "Say {body}"}))
+
+    assert [p.split(" has ")[0] for p in error.problems] == [
+        f"input file {parquet_input / 'input' / name}" for name in ("a.parquet", "b.parquet")
+    ]
+    assert all("has no column(s) ['body'] that the spec uses" in p and "it has ['rid', 'text']" in p
+               for p in error.problems)
+
+
+def test_template_column_missing_from_a_csv_header_names_the_file_and_column(tmp_path: Path) -> None:
+    storage.write_bytes(str(tmp_path / "input" / "a.csv"), b"rid,text\nr1,hello\n")
+
+    [problem] = planning_error(spec_of(tmp_path, input={"format": "csv"}, prompt={"template": "Say {body}"})).problems
+
+    assert problem == (f"input file {tmp_path / 'input' / 'a.csv'} has no column(s) ['body'] that the spec uses "
+                       "(prompt, route_column, input.id_column or input.carry_columns); it has ['rid', 'text']")
+
+
+def test_template_column_missing_from_a_later_csv_file_is_refused_too(tmp_path: Path) -> None:
+    storage.write_bytes(str(tmp_path / "input" / "a.csv"), b"rid,text\nr1,hello\n")
+    storage.write_bytes(str(tmp_path / "input" / "b.csv"), b"rid,body\nr2,hello\n")
+
+    message = str(planning_error(spec_of(tmp_path, input={"format": "csv"})))
+
+    assert f"input file {tmp_path / 'input' / 'b.csv'} has no column(s) ['text']" in message
+
+
+def test_id_column_missing_from_one_parquet_file_names_that_file(parquet_input: Path) -> None:
+    write_parquet(parquet_input / "input" / "c.parquet", [{"key": "c0", "text": "no id here"}])
+
+    [problem] = planning_error(spec_of(parquet_input)).problems
+
+    assert problem.startswith(f"input file {parquet_input / 'input' / 'c.parquet'} has no column(s) ['rid']")
+    assert problem.endswith("it has ['key', 'text']")
+
+
+@pytest.mark.parametrize(
+    ("sampling", "expected"),
+    [
+        ({"max_tokens": 0}, "sampling.max_tokens: found 0; Input should be greater than 0"),
+        ({"max_tokens": -3}, "sampling.max_tokens: found -3; Input should be greater than 0"),
+        ({"temperature": -0.5}, "sampling.temperature: found -0.5; Input should be greater than or equal to 0"),
+        ({"top_p": 0}, "sampling.top_p: found 0; Input should be greater than 0"),
+        ({"top_p": 1.5}, "sampling.top_p: found 1.5; Input should be less than or equal to 1"),
+    ],
+)
+def test_out_of_range_sampling_names_field_value_and_bound(parquet_input: Path, sampling: dict, expected: str) -> None:
+    assert planning_error(spec_of(parquet_input, sampling=sampling)).problems == [expected]
+
+
+def test_max_tokens_that_leaves_no_room_for_the_prompt_is_refused(parquet_input: Path) -> None:
+    [problem] = planning_error(spec_of(parquet_input, sampling={"max_tokens": MAX_MODEL_LEN})).problems
+
+    assert problem == (f"sampling.max_tokens: found {MAX_MODEL_LEN}; it must be below model max_model_len "
+                       f"{MAX_MODEL_LEN} to leave room for the prompt")
+
+
+def test_output_holding_another_jobs_data_is_refused(parquet_input: Path) -> None:
+    first = plan_job(load_spec(spec_of(parquet_input)))
+    assert plan_job(load_spec(spec_of(parquet_input))).job_id == first.job_id  # the same spec may resume
+
+    message = str(planning_error(spec_of(parquet_input, sampling={"max_tokens": MAX_TOKENS + 1})))
+
+    assert message.startswith(f"output.path {parquet_input / 'output'} holds job {first.job_id!r}, not 'bad-input-")
+    assert "--overwrite" in message
+
+
+def test_output_holding_foreign_files_is_refused(parquet_input: Path) -> None:
+    storage.write_bytes(str(parquet_input / "output" / "report.csv"), b"someone else's")
+
+    message = str(planning_error(spec_of(parquet_input)))
+
+    assert message == (f"output.path {parquet_input / 'output'} already holds 1 file(s) that no qwen-batch job "
+                       "wrote; pick an empty folder, or rerun with --overwrite to delete them")
+    assert not (parquet_input / "output" / "_job.json").exists()
+
+
+def test_unreachable_storage_names_the_endpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fast_retries: RetryPolicy
+) -> None:
+    endpoint = f"http://127.0.0.1:{closed_port()}"
+    for name, value in {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "unused-key",
+                        "AWS_SECRET_ACCESS_KEY": "unused-secret-5a1d", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(name, value)
+    options = {**NO_BOTOCORE_RETRIES, **PRIVATE_S3_CLIENT}
+
+    message = str(planning_error(spec_of(tmp_path, input={"path": "s3://nowhere/input", "storage_options": options})))
+
+    assert message.startswith(f"cannot reach the storage endpoint {endpoint} for s3://nowhere/input")
+    assert f"after {fast_retries.attempts} attempts; check AWS_ENDPOINT_URL" in message
+    assert "unused-secret-5a1d" not in message
+
+
+@pytest.mark.s3
+@pytest.mark.parametrize("side", ["input", "output"])
+@pytest.mark.parametrize("given_in", ["environment", "storage_options"])
+def test_rejected_credentials_are_named_without_the_secret(
+    side: str, given_in: str, s3, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    root = f"s3://{s3.bucket}/bad-credentials-{uuid.uuid4().hex[:8]}"
+    write_parquet(f"{root}/input/a.parquet", [{"rid": "a0", "text": "hello"}])
+    wrong = "wrong-secret-3f9e"
+    if given_in == "environment":
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", wrong)
+        options = dict(PRIVATE_S3_CLIENT)
+    else:
+        options = {"key": s3.access_key, "secret": wrong}
+    where = root if side == "input" else str(tmp_path)
+    spec = spec_of(root, input={"path": f"{where}/input", "storage_options": options if side == "input" else {}},
+                   output={"path": f"{root}/output", "storage_options": options if side == "output" else {}})
+    if side == "output":
+        write_parquet(tmp_path / "input" / "a.parquet", [{"rid": "a0", "text": "hello"}])
+
+    message = str(planning_error(spec))
+
+    assert message.startswith(f"access to {root}/{side} was refused (")
+    assert "the credentials were rejected; check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY" in message
+    assert wrong not in message and s3.secret_key not in message
+    assert wrong not in caplog.text and s3.secret_key not in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("spec_text", "expected"),
+    [
+        ("name: x\ninput: {path: [unclosed\n", "is not valid YAML or JSON"),
+        (None, "input.formt: unknown field"),
+    ],
+    ids=["invalid-yaml", "unknown-field"],
+)
+def test_cli_validate_exits_2_with_the_problem_on_stderr(
+    parquet_input: Path, spec_text: str | None, expected: str
+) -> None:
+    spec_file = parquet_input / "job.yaml"
+    spec_file.write_text(spec_text or yaml.safe_dump(spec_of(parquet_input, input={"formt": "parquet"})))
+
+    done = subprocess.run([sys.executable, "-m", "jobs.cli", "validate", str(spec_file)], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("qwen-batch validate: the job cannot start:\n")
+    assert expected in done.stderr
+    assert "Traceback" not in done.stderr and done.stdout == ""
+
+
+# Templates are data, not code.
+
+
+@pytest.mark.parametrize("template", ["{text.__class__}", "{0}", "{text[0]}", "{text!r}", "{text:>99}", "{}"])
+def test_template_that_is_not_plain_substitution_is_refused_at_load(template: str, tmp_path: Path) -> None:
+    with pytest.raises(SpecError) as caught:
+        load_spec(spec_of(tmp_path, prompt={"template": template}))
+
+    [problem] = caught.value.problems
+    assert problem.startswith(f"prompt.template: found {template!r}; template placeholder ")
+    assert "plain" in problem
+
+
+# File-level problems.
+
+
+def corrupt_parquet_input(root: Path) -> tuple[list[str], str]:
+    """Two good Parquet files and, between them, one whose footer is garbage; (good ids, bad file)."""
+    write_parquet(root / "input" / "a.parquet", [{"rid": f"a{i}", "text": f"fine row {i}"} for i in range(3)])
+    bad = root / "input" / "b.parquet"
+    bad.write_bytes(b"PAR1 not a parquet file at all PAR1")
+    write_parquet(root / "input" / "c.parquet", [{"rid": "c0", "text": "last fine row"}])
+    return ["a0", "a1", "a2", "c0"], str(bad)
+
+
+def test_corrupt_parquet_with_on_bad_file_fail_is_refused_naming_it(tmp_path: Path) -> None:
+    _, bad = corrupt_parquet_input(tmp_path)
+
+    message = str(planning_error(spec_of(tmp_path, input={"on_bad_file": "fail"})))
+
+    assert message.startswith(f"input file {bad} cannot be read as parquet")
+    assert "input.on_bad_file: skip" in message
+
+
+@pytest.mark.engine
+def test_corrupt_parquet_with_on_bad_file_skip_runs_the_good_files(tmp_path: Path, ray_local) -> None:
+    good_ids, bad = corrupt_parquet_input(tmp_path)
+
+    manifest = run_job(load_spec(spec_of(tmp_path, input={"on_bad_file": "skip"}, model={"variant": "tiny-qwen2"})))
+
+    assert manifest.bad_files == [bad]
+    assert json.loads((tmp_path / "output" / "_manifest.json").read_text())["bad_files"] == [bad]
+    table = pq.read_table(tmp_path / "output")
+    assert sorted(table.column("id").to_pylist()) == good_ids
+    assert manifest.complete and manifest.rows_in == manifest.rows_ok == len(good_ids)
+
+
+# Row-level problems: one end-to-end job over a JSONL file holding every kind of bad row.
+
+LONG_TEXT = " ".join(f"word{i}" for i in range(300))
+
+# (case, the line as bytes, error_type or None for a good row, fragments of the error message). In fragments,
+# <file> stands for the input file's path, <line> for the 1-based line number and <row> for the 0-based row.
+ROW_CASES: list[tuple[str, bytes, str | None, list[str]]] = [
+    ("good-plain", b'{"rid": "g1", "text": "what is two plus two"}', None, []),
+    ("empty-value", b'{"rid": "e1", "text": ""}', "empty_prompt", ["column 'text' is empty or whitespace only"]),
+    ("whitespace-value", b'{"rid": "e2", "text": "  \\t \\n "}', "empty_prompt",
+     ["column 'text' is empty or whitespace only"]),
+    ("null-value", b'{"rid": "n1", "text": null}', "invalid_field",
+     ["column 'text' used by the template must be a string, found null"]),
+    ("number-value", b'{"rid": "n2", "text": 42}', "invalid_field",
+     ["column 'text' used by the template must be a string, found int"]),
+    ("good-literal-placeholder", b'{"rid": "g2", "text": "say {other} and {0} and {text.__class__}"}', None, []),
+    ("missing-column", b'{"rid": "m1", "title": "no text column"}', "invalid_field",
+     ["column 'text' used by the template must be a string, found no such column in this row"]),
+    ("malformed-json", b'{"rid": "j1", "text": "unterminated', "invalid_json",
+     ["<file> line <line>: expected one JSON object per line, found invalid JSON (Unterminated string"]),
+    ("empty-line", b"", "invalid_json", ["<file> line <line>: expected one JSON object per line, found an empty line"]),
+    ("good-literal-braces", b'{"rid": "g3", "text": "keep {{ and }} and {"}', None, []),
+    ("json-list", b'["rid", "text"]', "invalid_json", ["<file> line <line>: expected a JSON object, found list"]),
+    ("invalid-utf8", b'{"rid": "u1", "text": "caf\xe9 au lait"}', "invalid_utf8",
+     ["<file> line <line> is not valid UTF-8 (invalid continuation byte at byte ", "re-encode the file as UTF-8"]),
+    ("prompt-too-long", json.dumps({"rid": "l1", "text": LONG_TEXT}).encode(), "prompt_too_long",
+     [f"with max_tokens {MAX_TOKENS}", f"over max_model_len {MAX_MODEL_LEN}", "raise model.max_model_len"]),
+    ("null-id", b'{"rid": null, "text": "who am i"}', "missing_id",
+     ["<file> row <row>: id column 'rid' is missing or null"]),
+    ("absent-id", b'{"text": "no id at all"}', "missing_id", ["<file> row <row>: id column 'rid' is missing or null"]),
+    ("good-unicode", '{"rid": "g4", "text": "naïve café ☕ 日本"}'.encode(), None, []),
+]
+BAD_CASES = [case for case, _, error_type, _ in ROW_CASES if error_type is not None]
+
+
+@functools.cache
+def tokenizer_of(model_dir: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+def prompt_tokens_of(model_dir: Path, messages: list[dict[str, str]]) -> int:
+    """An independent count: the chat template rendered and tokenized with the model's own tokenizer."""
+    tokenizer = tokenizer_of(model_dir)
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return len(tokenizer(rendered, add_special_tokens=False)["input_ids"])
+
+
+def template_prompt_tokens(model_dir: Path, text: str) -> int:
+    """Tokens of SYSTEM + TEMPLATE with `text` put in literally (no str.format on the text)."""
+    user = TEMPLATE.replace("{text}", text)
+    return prompt_tokens_of(model_dir, [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}])
+
+
+def check_error_row(row: dict[str, Any], error_type: str, fragments: list[str]) -> None:
+    """An error row: its type, every fragment of its message, no answer, zero tokens and cost."""
+    assert row["error_type"] == error_type, row["error"]
+    for fragment in fragments:
+        assert fragment in row["error"], (fragment, row["error"])
+    assert row["finish_reason"] == "error" and row["generated_text"] is None
+    assert row["prompt_tokens"] == row["completion_tokens"] == row["total_tokens"] == row["cached_tokens"] == 0
+    assert row["input_cost_usd"] == row["output_cost_usd"] == row["cost_usd"] == 0.0
+
+
+def check_manifest_matches_parquet(manifest: dict[str, Any], table: pa.Table) -> None:
+    rows = table.to_pylist()
+    errors = Counter(r["error_type"] for r in rows if r["error_type"] is not None)
+    assert manifest["rows_in"] == len(rows) == manifest["rows_ok"] + manifest["rows_failed"]
+    assert manifest["rows_failed"] == sum(errors.values())
+    assert manifest["totals"]["errors_by_type"] == dict(errors)
+    assert manifest["totals"]["finish_reasons"] == dict(Counter(r["finish_reason"] for r in rows))
+    assert manifest["totals"]["prompt_tokens"] == sum(r["prompt_tokens"] for r in rows)
+    assert manifest["totals"]["completion_tokens"] == sum(r["completion_tokens"] for r in rows)
+    assert manifest["complete"]
+
+
+@pytest.fixture(scope="module")
+def row_job(tmp_path_factory: pytest.TempPathFactory, ray_local, tiny_models: dict[str, Path]) -> dict[str, Any]:
+    """The JSONL job over ROW_CASES, run once: the input file, the output rows by line, the manifest."""
+    root = tmp_path_factory.mktemp("rows")
+    source = root / "input" / "rows.jsonl"
+    source.parent.mkdir()
+    source.write_bytes(b"".join(line + b"\n" for _, line, _, _ in ROW_CASES))
+    spec = spec_of(root, input={"format": "jsonl", "rows_per_shard": 4}, model={"variant": "tiny-qwen2"})
+    manifest = run_job(load_spec(spec))
+    table = pq.read_table(root / "output")
+    return {"file": str(source), "table": table, "manifest": manifest.model_dump(mode="json"),
+            "rows": {row["source_row"]: row for row in table.to_pylist()}, "model_dir": tiny_models["qwen2"]}
+
+
+@pytest.mark.engine
+def test_every_input_line_becomes_exactly_one_output_row(row_job: dict[str, Any]) -> None:
+    table = row_job["table"]
+    assert table.num_rows == len(ROW_CASES)
+    assert sorted(row_job["rows"]) == list(range(len(ROW_CASES)))
+    assert len(set(table.column("id").to_pylist())) == len(ROW_CASES)
+    assert set(table.column("source_file").to_pylist()) == {row_job["file"]}
+    assert row_job["manifest"]["shards"] == -(-len(ROW_CASES) // 4)
+
+
+@pytest.mark.engine
+@pytest.mark.parametrize("case", BAD_CASES)
+def test_bad_row_is_an_error_row_saying_what_and_where(row_job: dict[str, Any], case: str) -> None:
+    index = next(i for i, (name, _, _, _) in enumerate(ROW_CASES) if name == case)
+    _, _, error_type, fragments = ROW_CASES[index]
+    where = {"<file>": row_job["file"], "<line>": str(index + 1), "<row>": str(index)}
+    expected = [functools.reduce(lambda text, pair: text.replace(*pair), where.items(), f) for f in fragments]
+    row = row_job["rows"][index]
+
+    check_error_row(row, error_type, expected)
+    if error_type in ("invalid_json", "invalid_utf8", "missing_id"):
+        assert row["id"] == f"rows.jsonl:{index}"  # no usable id: the row's position names it
+
+
+@pytest.mark.engine
+def test_prompt_too_long_states_the_numbers(row_job: dict[str, Any]) -> None:
+    index = next(i for i, (name, _, _, _) in enumerate(ROW_CASES) if name == "prompt-too-long")
+    tokens = template_prompt_tokens(row_job["model_dir"], LONG_TEXT)
+    assert tokens + MAX_TOKENS > MAX_MODEL_LEN
+
+    assert row_job["rows"][index]["error"].startswith(
+        f"prompt is {tokens} tokens; with max_tokens {MAX_TOKENS} that is {tokens + MAX_TOKENS}, over max_model_len "
+        f"{MAX_MODEL_LEN} by {tokens + MAX_TOKENS - MAX_MODEL_LEN}."
+    )
+
+
+@pytest.mark.engine
+def test_good_rows_are_answered_and_braces_in_values_are_literal(row_job: dict[str, Any]) -> None:
+    variant = get_variant("tiny-qwen2")
+    good = [(i, json.loads(line)) for i, (_, line, error_type, _) in enumerate(ROW_CASES) if error_type is None]
+    for index, record in good:
+        row = row_job["rows"][index]
+        assert row["error_type"] is None and row["error"] is None, row["error"]
+        assert row["id"] == record["rid"]
+        assert row["finish_reason"] in ("length", "stop") and 0 < row["completion_tokens"] <= MAX_TOKENS
+        assert row["generated_text"] is not None
+        assert row["prompt_tokens"] == template_prompt_tokens(row_job["model_dir"], record["text"])
+        assert row["cost_usd"] == pytest.approx(
+            (row["prompt_tokens"] * variant.input_per_mtok + row["completion_tokens"] * variant.output_per_mtok) / 1e6)
+
+
+@pytest.mark.engine
+def test_manifest_counts_equal_the_parquet(row_job: dict[str, Any]) -> None:
+    manifest = row_job["manifest"]
+    check_manifest_matches_parquet(manifest, row_job["table"])
+    assert manifest["totals"]["errors_by_type"] == dict(Counter(t for _, _, t, _ in ROW_CASES if t is not None))
+    assert manifest["rows_ok"] == sum(t is None for _, _, t, _ in ROW_CASES)
+
+
+# Chats from a messages column, read from S3 with credentials in the environment and in storage_options: the bad
+# chats become error rows, and no credential, prompt or answer reaches the logs or any output file.
+
+DISTINCTIVE = "zebra-quartz-7731"
+MESSAGE_CASES: list[tuple[str, Any, str | None, str]] = [
+    ("good-one-turn", [{"role": "user", "content": f"{DISTINCTIVE} tell me a story"}], None, ""),
+    ("good-multi-turn", [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                         {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Count to 3"}],
+     None, ""),
+    ("not-a-list", "just a string", "invalid_messages",
+     "column 'messages' must be a non-empty list of {role, content} messages, found str"),
+    ("null", None, "invalid_messages", "column 'messages' must be a non-empty list of {role, content} messages, "
+     "found null"),
+    ("empty-list", [], "invalid_messages", "column 'messages' must be a non-empty list"),
+    ("message-not-object", ["hello"], "invalid_messages",
+     "column 'messages' message 0 must be an object with `role` and `content`, found str"),
+    ("wrong-role", [{"role": "robot", "content": "beep"}], "invalid_messages",
+     "column 'messages' message 0 has role 'robot'; expected one of ('system', 'user', 'assistant')"),
+    ("missing-content", [{"role": "system", "content": "x"}, {"role": "user"}], "invalid_messages",
+     "column 'messages' message 1 content must be a string"),
+    ("last-from-assistant", [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}],
+     "invalid_messages", "column 'messages': the last message must be from the user, found 'assistant'"),
+    ("blank-user", [{"role": "user", "content": "   "}], "empty_prompt",
+     "column 'messages': every user message is empty or whitespace only"),
+]
+
+
+def read_everything(prefix: str) -> dict[str, bytes]:
+    """Every object under a prefix, as bytes, by URL."""
+    return {url: storage.read_bytes(url) for url in storage.list_names(prefix)}
+
+
+@pytest.mark.engine
+@pytest.mark.s3
+def test_s3_chat_job_records_bad_chats_and_leaks_no_secret_or_text(
+    s3, ray_local, tiny_models: dict[str, Path], caplog: pytest.LogCaptureFixture,
+    capfd: pytest.CaptureFixture[str], tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    assert os.environ["AWS_SECRET_ACCESS_KEY"] == s3.secret_key  # the environment holds the credentials too
+    root = f"s3://{s3.bucket}/chats-{uuid.uuid4().hex[:8]}"
+    lines = [json.dumps({"rid": f"c{i:02d}", "messages": chat}) for i, (_, chat, _, _) in enumerate(MESSAGE_CASES)]
+    storage.write_bytes(f"{root}/input/chats.jsonl", "".join(line + "\n" for line in lines).encode())
+    credentials = {"key": s3.access_key, "secret": s3.secret_key}
+    spec = spec_of(root, prompt={"system": None, "template": None, "messages_column": "messages"},
+                   input={"format": "jsonl", "rows_per_shard": 4, "storage_options": credentials},
+                   output={"storage_options": credentials}, model={"variant": "tiny-qwen2"})
+    caplog.set_level(logging.DEBUG)
+
+    run_job(load_spec(spec))
+    time.sleep(2)  # let Ray forward the last worker output to the driver
+    out, err = capfd.readouterr()
+
+    files = read_everything(f"{root}/output")
+    table = pa.concat_tables(pq.read_table(io.BytesIO(data)) for url, data in sorted(files.items())
+                             if url.endswith(".parquet"))
+    manifest = json.loads(files[f"{root}/output/_manifest.json"])
+    check_chat_rows(table, manifest, tiny_models["qwen2"])
+    check_nothing_leaked(s3, files, manifest, caplog, out + err, table)
+    check_ray_logs_hold_no_secret_or_text(s3, tmp_path_factory.getbasetemp())
+
+
+def check_chat_rows(table: pa.Table, manifest: dict[str, Any], model_dir: Path) -> None:
+    rows = {row["id"]: row for row in table.to_pylist()}
+    assert table.num_rows == len(rows) == len(MESSAGE_CASES)
+    for index, (case, chat, error_type, fragment) in enumerate(MESSAGE_CASES):
+        row = rows[f"c{index:02d}"]
+        assert row["source_row"] == index, case
+        if error_type is None:
+            assert row["error_type"] is None, (case, row["error"])
+            assert row["prompt_tokens"] == prompt_tokens_of(model_dir, chat), case
+            assert row["finish_reason"] in ("length", "stop") and 0 < row["completion_tokens"] <= MAX_TOKENS
+        else:
+            check_error_row(row, error_type, [fragment])
+    check_manifest_matches_parquet(manifest, table)
+
+
+def check_nothing_leaked(s3, files: dict[str, bytes], manifest: dict[str, Any], caplog: pytest.LogCaptureFixture,
+                         output: str, table: pa.Table) -> None:
+    """The secret nowhere; the access key nowhere but botocore's DEBUG request signing; no text at INFO or above."""
+    names = {url.rsplit("/output/", 1)[1].split("/")[0] for url in files}
+    assert {"_job.json", "_manifest.json", "_commits", "_runs", "tiny-qwen2"} <= names
+    for url, data in files.items():
+        assert s3.secret_key.encode() not in data, url
+        assert s3.access_key.encode() not in data, url
+    assert manifest["spec"]["input"]["storage_options"] == {"key": "***", "secret": "***"}
+    assert manifest["spec"]["output"]["storage_options"] == {"key": "***", "secret": "***"}
+
+    assert caplog.records, "nothing was logged"
+    assert "MapBatches(EngineStage)" in output, "no engine worker output was forwarded to the driver"
+    debug_text = "\n".join(record.getMessage() + (record.exc_text or "") for record in caplog.records)
+    assert s3.secret_key not in debug_text and s3.secret_key not in output
+    info_text = "\n".join(r.getMessage() for r in caplog.records if r.levelno >= logging.INFO)
+    assert s3.access_key not in info_text and s3.access_key not in output
+    answers = [t for t in table.column("generated_text").to_pylist()
+               if t and len(t.strip()) >= 8 and any(c.isalnum() for c in t)]
+    for text in [DISTINCTIVE, "tell me a story", *answers]:
+        assert text not in info_text and text not in output, text
+
+
+def check_ray_logs_hold_no_secret_or_text(s3, base_temp: Path) -> None:
+    """Every file every Ray process of the session logged to (workers, raylet, Ray Data): no secret, no prompt."""
+    logged = [path for path in base_temp.glob("ray*/session_2*/logs/**/*") if path.is_file()]
+    assert any(path.name.startswith("worker-") for path in logged), "no Ray worker log files found"
+    for path in logged:
+        data = path.read_bytes()
+        assert s3.secret_key.encode() not in data, path
+        assert DISTINCTIVE.encode() not in data, path
