@@ -157,7 +157,7 @@ def prompt_columns(spec: JobSpec) -> list[str]:
 
 
 def _check_output(spec: JobSpec, layout: Layout, job_id: str, overwrite: bool) -> None:
-    """Refuse an output folder holding another job's data unless overwriting; claim it for this job."""
+    """Refuse an output folder holding another job's data unless overwriting (which empties it)."""
     options = spec.output.storage_options
     job_url = layout.url(JOB_FILE)
     existing = storage.list_names(layout.output, options)
@@ -173,7 +173,6 @@ def _check_output(spec: JobSpec, layout: Layout, job_id: str, overwrite: bool) -
     elif existing:
         raise SpecError(f"output.path {layout.output} already holds {len(existing)} file(s) that no qwen-batch job "
                         "wrote; pick an empty folder, or rerun with --overwrite to delete them")
-    storage.write_bytes(job_url, json.dumps({"job_id": job_id, "name": spec.name}).encode(), options)
 
 
 def _committed(layout: Layout, variant: str, spec: JobSpec) -> set[str]:
@@ -190,6 +189,8 @@ def run_job(spec: JobSpec, *, address: str | None = None, overwrite: bool = Fals
 
     started_at, started = _now(), time.monotonic()
     plan = plan_job(spec, overwrite=overwrite)
+    storage.write_bytes(plan.layout.url(JOB_FILE), json.dumps({"job_id": plan.job_id, "name": spec.name}).encode(),
+                        spec.output.storage_options)
     run_id = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
     work = [(model, plan.todo(model)) for model in plan.models]
     for model, todo in work:
