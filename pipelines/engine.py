@@ -12,7 +12,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from pipelines.stage import Stage
+from pipelines.stage import Stage, with_errors
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +101,7 @@ class EngineStage(Stage):
             prompt_tokens[index] = len(output.prompt_token_ids)
             cached[index] = output.num_cached_tokens or 0
         return (
-            block.set_column(block.schema.get_field_index("_error_type"), "_error_type", pa.array(error_types, pa.string()))
-            .set_column(block.schema.get_field_index("_error"), "_error", pa.array(errors, pa.string()))
+            with_errors(block, error_types, errors)
             .append_column("generated_text", pa.array(text, pa.string()))
             .append_column("reasoning_text", pa.array(reasoning, pa.string()))
             .append_column("reasoning_tokens", pa.array(reasoning_tokens, pa.int64()))

@@ -9,7 +9,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from pipelines.stage import Stage
+from pipelines.stage import Stage, with_errors
 from schemas.errors import RowError
 
 CHAT_ROLES = ("system", "user", "assistant")
@@ -114,8 +114,7 @@ class PromptStage(Stage):
             else:
                 token_ids[index] = ids
         return (
-            block.set_column(block.schema.get_field_index("_error_type"), "_error_type", pa.array(error_types, pa.string()))
-            .set_column(block.schema.get_field_index("_error"), "_error", pa.array(errors, pa.string()))
+            with_errors(block, error_types, errors)
             .append_column("prompt_token_ids", pa.array(token_ids, pa.list_(pa.int32())))
             .append_column("_skip", pa.array(skip, pa.bool_()))
         )

@@ -24,6 +24,13 @@ class Stage:
             )
 
 
+def with_errors(block: pa.Table, error_types: list[str | None], errors: list[str | None]) -> pa.Table:
+    """The block with its `_error_type` and `_error` columns replaced."""
+    for name, values in (("_error_type", error_types), ("_error", errors)):
+        block = block.set_column(block.schema.get_field_index(name), name, pa.array(values, pa.string()))
+    return block
+
+
 def check_wiring(source_columns: Sequence[str], stages: Sequence[type[Stage]]) -> None:
     """Check before running that each stage's required columns come from the source or an earlier stage."""
     available = set(source_columns)

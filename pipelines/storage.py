@@ -295,19 +295,10 @@ def write_bytes(url: str, data: bytes, storage_options: dict[str, Any] | None = 
     """Write (or overwrite) one object, never leaving a partial one: an S3 PUT is atomic, a local file is written
     beside its name and renamed over it. Local parent folders are created."""
     fs, path = filesystem(url, storage_options)
-    if not isinstance(fs, LocalFileSystem):
+    if isinstance(fs, LocalFileSystem):
+        _publish_local(path, data, os.replace)
+    else:
         fs.pipe_file(path, data)
-        return
-    folder = fs._parent(path)
-    fs.makedirs(folder, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(dir=folder, prefix=".write-")
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            handle.write(data)
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
 
 
 @_retried
@@ -380,18 +371,27 @@ def create_only(url: str, data: bytes, storage_options: dict[str, Any] | None = 
 
 
 def _create_only_local(path: str, data: bytes) -> bool:
-    folder = os.path.dirname(path)
-    os.makedirs(folder, exist_ok=True)
-    descriptor, temp_path = tempfile.mkstemp(dir=folder, prefix=".create-only-")
     try:
-        with os.fdopen(descriptor, "wb") as temp:
-            temp.write(data)
-        os.link(temp_path, path)
+        _publish_local(path, data, os.link)
         return True
     except FileExistsError:
         return False
+
+
+def _publish_local(path: str, data: bytes, publish: Callable[[str, str], None]) -> None:
+    """Write `data` beside `path`, then `publish(temporary, path)`: os.replace to overwrite, os.link to create only.
+
+    Either way no reader ever sees a partly written file under `path`."""
+    folder = os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(dir=folder, prefix=".write-")
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(data)
+        publish(temporary, path)
     finally:
-        os.unlink(temp_path)
+        if os.path.exists(temporary):
+            os.unlink(temporary)
 
 
 def redact(obj: Any) -> Any:
