@@ -175,6 +175,12 @@ def _check_output(spec: JobSpec, layout: Layout, job_id: str, overwrite: bool) -
                         "wrote; pick an empty folder, or rerun with --overwrite to delete them")
 
 
+def claim_output(plan: JobPlan) -> None:
+    """Mark the output folder as this job's, so a different spec is refused there until --overwrite."""
+    storage.write_bytes(plan.layout.url(JOB_FILE), json.dumps({"job_id": plan.job_id, "name": plan.spec.name}).encode(),
+                        plan.spec.output.storage_options)
+
+
 def _committed(layout: Layout, variant: str, spec: JobSpec) -> set[str]:
     """Ids of the shards committed for a variant: one listing, O(shards)."""
     names = storage.list_names(f"{layout.commits_prefix()}/{variant}", spec.output.storage_options)
@@ -189,8 +195,7 @@ def run_job(spec: JobSpec, *, address: str | None = None, overwrite: bool = Fals
 
     started_at, started = _now(), time.monotonic()
     plan = plan_job(spec, overwrite=overwrite)
-    storage.write_bytes(plan.layout.url(JOB_FILE), json.dumps({"job_id": plan.job_id, "name": spec.name}).encode(),
-                        spec.output.storage_options)
+    claim_output(plan)
     run_id = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
     work = [(model, plan.todo(model)) for model in plan.models]
     for model, todo in work:

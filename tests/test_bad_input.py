@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from jobs.driver import plan_job, run_job
+from jobs.driver import claim_output, plan_job, run_job
 from pipelines import storage
 from pipelines.storage import RetryPolicy
 from schemas.catalog import get_variant
@@ -201,8 +201,14 @@ def test_max_tokens_that_leaves_no_room_for_the_prompt_is_refused(parquet_input:
                        f"{MAX_MODEL_LEN} to leave room for the prompt")
 
 
+def test_planning_writes_nothing_to_the_output(parquet_input: Path) -> None:
+    plan_job(load_spec(spec_of(parquet_input)))
+    assert not (parquet_input / "output").exists()
+
+
 def test_output_holding_another_jobs_data_is_refused(parquet_input: Path) -> None:
     first = plan_job(load_spec(spec_of(parquet_input)))
+    claim_output(first)  # what a run does before its first shard
     assert plan_job(load_spec(spec_of(parquet_input))).job_id == first.job_id  # the same spec may resume
 
     message = str(planning_error(spec_of(parquet_input, sampling={"max_tokens": MAX_TOKENS + 1})))
