@@ -1,0 +1,967 @@
+"""Side-by-side benchmark: raw vLLM, qwen-batch, Ray Data LLM and plain transformers on one dataset and one model.
+
+Every mode answers the same generated prompts (system + user chat, greedy, a fixed `max_tokens`, EOS ignored where
+the mode allows it) with the same tiny random-weight Qwen2 checkpoint in float32, each in its own fresh subprocess,
+so peak memory and engine state never leak from one mode into the next:
+
+  raw           `vllm.LLM.generate` in-process (token ids in, `uni` executor, no engine-core process)
+  qwen-batch    `jobs.driver.run_job` on a JSONL file, writing Parquet with accounting, on a local Ray
+  ray-data-llm  `ray.data.llm.build_processor` with a CPU vLLM engine actor, writing Parquet (its async engine runs
+                the engine core in a child process whatever VLLM_ENABLE_V1_MULTIPROCESSING says)
+  transformers  `AutoModelForCausalLM.generate` on left-padded batches of 8, as many Qwen guides show
+
+Run from the repository root (the lead's `./run bench` does the same):
+
+  python tests/bench.py                      # all four modes at the default sizes, table + bench.json
+  python tests/bench.py --rows 256 --modes raw,qwen-batch
+  python tests/bench.py --scaling            # qwen-batch only, max_tokens 1, 1k/10k/100k rows: per-row overhead
+
+Caches, Ray's session folder and the model live in a temporary folder removed at the end (`--keep` keeps it);
+nothing is downloaded (HF_HUB_OFFLINE=1). Every process a mode starts is ended when the mode ends.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+MODES = ("raw", "qwen-batch", "ray-data-llm", "transformers")
+REFERENCE_MODE = "qwen-batch"
+VARIANT = "tiny-qwen2"
+SYSTEM_PROMPT = "You are a careful assistant. Answer in one short paragraph."
+MAX_MODEL_LEN = 1024
+KV_CACHE_GIB = 1.0
+RAY_OBJECT_STORE_BYTES = 256 << 20
+SAMPLE_INTERVAL_S = 0.2
+TEXTS_COMPARED = 64
+TRANSFORMERS_BATCH = 8
+TRANSFORMERS_MAX_ROWS = 512
+TRANSFORMERS_BUDGET_S = 90.0
+RAY_DATA_LLM_BATCH = 64
+LIGHT_STAGE_CPUS = 0.25
+GIB = 1 << 30
+NOISY_SHARE = 0.05
+
+TOPICS = ["the harbour", "a spreadsheet", "the night train", "an old kettle", "the school garden", "a power outage",
+          "the quarterly report", "a lost umbrella", "the city library", "a mountain hut", "the new printer",
+          "a delayed flight", "the bakery queue", "a chess club", "the river bridge", "a broken zipper"]
+TASKS = ["Summarize", "Explain the main risk in", "Write a friendly reply to", "List two questions about",
+         "Give a one-line title for", "Rewrite more formally"]
+WORDS = ("after before during while because although however the a an this that some many every each our their "
+         "report meeting customer order delivery invoice weather station platform ticket manager team budget plan "
+         "week morning evening window door engine screen battery cable signal route map note letter message "
+         "arrived stopped started changed moved failed worked waited called asked said noticed missed checked "
+         "quickly slowly early late again twice nearly almost still never often quietly suddenly carefully").split()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The shared inputs: one dataset, one chat, one model.
+
+
+def make_rows(count: int, seed: int = 0) -> list[dict[str, str]]:
+    """Deterministic prompt rows (`id`, `text`) of varied length, the same for every mode."""
+    rng = random.Random(seed)
+    rows = []
+    for index in range(count):
+        body = " ".join(rng.choice(WORDS) for _ in range(rng.randint(12, 60)))
+        text = f"{rng.choice(TASKS)} this note about {rng.choice(TOPICS)}: {body}."
+        rows.append({"id": f"r{index:07d}", "text": text})
+    return rows
+
+
+def chat(text: str) -> list[dict[str, str]]:
+    """The chat every mode sends for a row: the system message, then the row's text as the user message."""
+    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": text}]
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The rows of a JSONL file."""
+    with path.open() as lines:
+        return [json.loads(line) for line in lines if line.strip()]
+
+
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """What one mode's subprocess needs; written as JSON next to the run."""
+
+    mode: str
+    input_file: str
+    output_dir: str
+    model: str
+    max_tokens: int
+    cores: int
+    ray_temp_dir: str
+    result_file: str
+    row_limit: int | None = None
+    time_budget_s: float | None = None
+    ray_data_llm_batch: int = RAY_DATA_LLM_BATCH
+    ray_data_llm_stages: str = "template"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The modes. Each runs inside a fresh worker process, starting its clock before its heavy imports, and returns
+# what it measured; `output_tokens` always comes from token ids the engine or model produced.
+
+
+def engine_env(cores: int) -> dict[str, str]:
+    """The CPU engine settings qwen-batch gives its engine actors, plus the in-process engine core."""
+    from cluster.resources import cpu_engine_env
+
+    env = cpu_engine_env(1, KV_CACHE_GIB)
+    env["OMP_NUM_THREADS"] = str(cores)
+    env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    return env
+
+
+def vllm_engine_kwargs() -> dict[str, Any]:
+    """vLLM engine keywords shared by the raw and Ray Data LLM modes (qwen-batch derives the same from its spec)."""
+    return {"dtype": "float32", "enforce_eager": True, "distributed_executor_backend": "uni",
+            "max_model_len": MAX_MODEL_LEN, "seed": 0}
+
+
+def run_raw(config: WorkerConfig, started: float) -> dict[str, Any]:
+    """vLLM's best single-process path: tokenize in the driver, one `LLM.generate` over token ids."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from transformers import AutoTokenizer
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    imported = time.monotonic()
+    rows = read_jsonl(Path(config.input_file))
+    tokenizer = AutoTokenizer.from_pretrained(config.model)
+    texts = [tokenizer.apply_chat_template(chat(row["text"]), tokenize=False, add_generation_prompt=True)
+             for row in rows]
+    token_ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    tokenized = time.monotonic()
+    llm = LLM(model=config.model, **vllm_engine_kwargs())
+    engine_ready = time.monotonic()
+    params = SamplingParams(max_tokens=config.max_tokens, temperature=0.0, ignore_eos=True)
+    outputs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in token_ids], params, use_tqdm=False)
+    generated = time.monotonic()
+    completions = [output.outputs[0] for output in outputs]
+    table = pa.table({
+        "id": [row["id"] for row in rows],
+        "generated_text": [c.text for c in completions],
+        "finish_reason": [c.finish_reason for c in completions],
+        "prompt_tokens": [len(output.prompt_token_ids) for output in outputs],
+        "completion_tokens": [len(c.token_ids) for c in completions],
+    })
+    Path(config.output_dir).mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, Path(config.output_dir) / "part-0.parquet", compression="zstd")
+    written = time.monotonic()
+    return {
+        "rows": table.num_rows, "output_tokens": sum(len(c.token_ids) for c in completions),
+        "prompt_tokens": sum(len(o.prompt_token_ids) for o in outputs),
+        "finish_reasons": _count(c.finish_reason for c in completions),
+        "wall_s": written - started, "engine_start_s": engine_ready - tokenized,
+        "engine_seconds": generated - engine_ready,
+        # One generate call: nothing is out before the whole batch is.
+        "first_output_s": written - started,
+        "phases_s": {"imports": imported - started, "read_and_tokenize": tokenized - imported,
+                     "engine_start": engine_ready - tokenized, "generate": generated - engine_ready,
+                     "write": written - generated},
+        "texts": dict(zip(table.column("id").to_pylist(), table.column("generated_text").to_pylist())),
+    }
+
+
+def start_ray(config: WorkerConfig, num_cpus: int) -> None:
+    import ray
+
+    ray.init(num_cpus=num_cpus, include_dashboard=False, object_store_memory=RAY_OBJECT_STORE_BYTES,
+             _temp_dir=config.ray_temp_dir, log_to_driver=True)
+
+
+def run_qwen_batch(config: WorkerConfig, started: float) -> dict[str, Any]:
+    """qwen-batch end to end: a JSONL file in, Parquet with accounting, commit records and the manifest out."""
+    import ray
+
+    from jobs.driver import run_job
+    from schemas.spec import load_spec
+
+    imported = time.monotonic()
+    start_ray(config, config.cores)
+    ray_ready = time.monotonic()
+    spec = load_spec({
+        "name": "bench",
+        "input": {"path": config.input_file, "format": "jsonl", "id_column": "id"},
+        "prompt": {"system": SYSTEM_PROMPT, "template": "{text}"},
+        "model": {"variant": VARIANT, "max_model_len": MAX_MODEL_LEN},
+        "sampling": {"max_tokens": config.max_tokens, "temperature": 0, "top_p": 1.0, "seed": 0},
+        "output": {"path": config.output_dir},
+    })
+    manifest = run_job(spec)
+    finished = time.monotonic()
+    ray.shutdown()
+    commits = [json.loads(p.read_text()) for p in sorted(Path(config.output_dir).glob("_commits/*/*.json"))]
+    started_wall = _wall_clock(started)
+    committed_at = sorted(datetime.fromisoformat(c["committed_at"]).timestamp() for c in commits)
+    data_files = sorted(Path(config.output_dir).glob(f"{VARIANT}/part-*.parquet"), key=lambda p: p.stat().st_mtime)
+    texts = _parquet_texts(Path(config.output_dir) / VARIANT)
+    return {
+        "rows": manifest.rows_in, "output_tokens": manifest.totals.completion_tokens,
+        "prompt_tokens": manifest.totals.prompt_tokens, "finish_reasons": manifest.totals.finish_reasons,
+        "rows_failed": manifest.rows_failed, "engine_seconds": manifest.engine_seconds, "wall_s": finished - started,
+        "engine_start_s": None,
+        # Commit records stamp whole seconds (truncated); the first data file's mtime is the finer figure.
+        "first_output_s": committed_at[0] - started_wall if committed_at else None,
+        "first_output_file_s": data_files[0].stat().st_mtime - started_wall if data_files else None,
+        "shards": manifest.shards,
+        "commit_offsets_s": [round(t - started_wall, 2) for t in committed_at],
+        "phases_s": {"imports": imported - started, "ray_init": ray_ready - imported,
+                     "run_job": finished - ray_ready},
+        "texts": texts,
+    }
+
+
+def run_ray_data_llm(config: WorkerConfig, started: float) -> dict[str, Any]:
+    """Ray Data LLM's processor with a CPU vLLM engine actor; rows from the JSONL file, Parquet out."""
+    import pyarrow.parquet as pq
+    import ray
+    from ray.data.llm import build_processor, vLLMEngineProcessorConfig
+
+    imported = time.monotonic()
+    stages = config.ray_data_llm_stages
+    start_ray(config, config.cores)
+    ray_ready = time.monotonic()
+    max_tokens = config.max_tokens
+    # Every CPU stage and task defaults to 1 logical CPU: with the engine actor's 1 that starves the read task on a
+    # 2-CPU node (the job waits forever). The light parts get the fractions qwen-batch gives its own light stages.
+    light = {"num_cpus": LIGHT_STAGE_CPUS}
+    tokenize_in_ray = stages == "all"
+    processor_config = vLLMEngineProcessorConfig(
+        model_source=config.model,
+        engine_kwargs=vllm_engine_kwargs(),
+        runtime_env={"env_vars": engine_env(config.cores)},
+        batch_size=config.ray_data_llm_batch,
+        concurrency=1,
+        placement_group_config={"bundles": [{"CPU": 1}]},
+        # True (the default) makes vLLM build Ray Prometheus metrics, which import `ray.serve`: without ray[serve]
+        # installed the engine fails to start ("RayPrometheusMetric requires Ray to be installed").
+        log_engine_metrics=False,
+        chat_template_stage={"enabled": True, **light},
+        tokenize_stage={"enabled": tokenize_in_ray, **light},
+        detokenize_stage={"enabled": tokenize_in_ray, **light},
+    )
+    sampling = {"temperature": 0.0, "max_tokens": max_tokens, "ignore_eos": True}
+    if tokenize_in_ray:
+        sampling["detokenize"] = False
+    processor = build_processor(
+        processor_config,
+        preprocess=lambda row: {"messages": chat(row["text"]), "sampling_params": sampling},
+        postprocess=lambda row: {
+            "id": row["id"], "generated_text": row["generated_text"],
+            "completion_tokens": len(row["generated_tokens"]), "prompt_tokens": row["num_input_tokens"],
+            "scheduled_ts": (row.get("metrics") or {}).get("scheduled_ts"),
+            "last_token_ts": (row.get("metrics") or {}).get("last_token_ts"),
+        },
+        preprocess_map_kwargs=light,
+        postprocess_map_kwargs=light,
+    )
+    dataset = processor(ray.data.read_json(config.input_file, num_cpus=LIGHT_STAGE_CPUS))
+    dataset.write_parquet(config.output_dir, ray_remote_args=light)
+    finished = time.monotonic()
+    ray.shutdown()
+    started_wall = _wall_clock(started)
+    table = pq.read_table(config.output_dir)
+    files = sorted(Path(config.output_dir).glob("*.parquet"), key=lambda p: p.stat().st_mtime)
+    scheduled, last_token = table.column("scheduled_ts").to_pylist(), table.column("last_token_ts").to_pylist()
+    intervals = [(start, stop) for start, stop in zip(scheduled, last_token) if start and stop]
+    return {
+        "rows": table.num_rows, "output_tokens": int(sum(table.column("completion_tokens").to_pylist())),
+        "prompt_tokens": int(sum(table.column("prompt_tokens").to_pylist())),
+        "finish_reasons": None, "engine_start_s": None, "wall_s": finished - started,
+        # Time the engine had at least one request scheduled, from vLLM's per-request timestamps.
+        "engine_seconds": _busy_seconds(intervals) if len(intervals) == table.num_rows else None,
+        "first_output_s": None,
+        "first_output_file_s": files[0].stat().st_mtime - started_wall if files else None,
+        "config": {"stages": stages, "logical_cpus": config.cores, "light_stage_cpus": LIGHT_STAGE_CPUS,
+                   "batch_size": config.ray_data_llm_batch},
+        "phases_s": {"imports": imported - started, "ray_init": ray_ready - imported,
+                     "pipeline": finished - ray_ready},
+        "texts": dict(zip(table.column("id").to_pylist(), table.column("generated_text").to_pylist())),
+    }
+
+
+def run_transformers(config: WorkerConfig, started: float) -> dict[str, Any]:
+    """The loop many Qwen guides show: chat template, left padding, batches of 8, `model.generate`, greedy."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    imported = time.monotonic()
+    torch.set_num_threads(config.cores)
+    rows = read_jsonl(Path(config.input_file))[: config.row_limit]
+    tokenizer = AutoTokenizer.from_pretrained(config.model, padding_side="left")
+    model = AutoModelForCausalLM.from_pretrained(config.model, dtype=torch.float32).eval()
+    loaded = time.monotonic()
+    eos_ids = {tokenizer.eos_token_id, tokenizer.pad_token_id}
+    ids, texts, completion_tokens, prompt_tokens = [], [], [], []
+    first_batch_done = None
+    for start in range(0, len(rows), TRANSFORMERS_BATCH):
+        batch = rows[start:start + TRANSFORMERS_BATCH]
+        prompts = [tokenizer.apply_chat_template(chat(r["text"]), tokenize=False, add_generation_prompt=True)
+                   for r in batch]
+        encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        with torch.inference_mode():
+            # min_new_tokens = max_new_tokens is transformers' way to ignore EOS, so every row gets max_tokens.
+            out = model.generate(**encoded, max_new_tokens=config.max_tokens, min_new_tokens=config.max_tokens,
+                                 do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        new_tokens = out[:, encoded["input_ids"].shape[1]:].tolist()
+        for row, tokens, mask in zip(batch, new_tokens, encoded["attention_mask"].tolist()):
+            ends = [i for i, token in enumerate(tokens) if token in eos_ids]
+            kept = tokens[: ends[0] + 1] if ends else tokens
+            ids.append(row["id"])
+            completion_tokens.append(len(kept))
+            prompt_tokens.append(sum(mask))
+            texts.append(tokenizer.decode(kept, skip_special_tokens=True))
+        if first_batch_done is None:
+            first_batch_done = time.monotonic()
+        if config.time_budget_s is not None and time.monotonic() - loaded > config.time_budget_s:
+            break
+    generated = time.monotonic()
+    Path(config.output_dir).mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"id": ids, "generated_text": texts, "prompt_tokens": prompt_tokens,
+                             "completion_tokens": completion_tokens}),
+                   Path(config.output_dir) / "part-0.parquet", compression="zstd")
+    written = time.monotonic()
+    return {
+        "rows": len(ids), "output_tokens": sum(completion_tokens), "prompt_tokens": sum(prompt_tokens),
+        "finish_reasons": None, "engine_start_s": loaded - imported, "engine_seconds": generated - loaded,
+        "wall_s": written - started,
+        "first_output_s": (first_batch_done - started) if first_batch_done else None,
+        "scalable_s": generated - loaded,
+        "phases_s": {"imports": imported - started, "load": loaded - imported, "generate": generated - loaded,
+                     "write": written - generated},
+        "texts": dict(zip(ids, texts)),
+    }
+
+
+RUNNERS: dict[str, Callable[[WorkerConfig, float], dict[str, Any]]] = {
+    "raw": run_raw, "qwen-batch": run_qwen_batch, "ray-data-llm": run_ray_data_llm, "transformers": run_transformers,
+}
+
+
+def _wall_clock(monotonic: float) -> float:
+    """The wall-clock time (epoch seconds) of a `time.monotonic()` reading, to compare with file times."""
+    return time.time() - (time.monotonic() - monotonic)
+
+
+def _count(values: Any) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for value in values:
+        counts[value] = counts.get(value, 0) + 1
+    return counts
+
+
+def _busy_seconds(intervals: list[tuple[float, float]]) -> float:
+    """Length of the union of time intervals."""
+    busy, end = 0.0, float("-inf")
+    for start, stop in sorted(intervals):
+        if stop <= end:
+            continue
+        busy += stop - max(start, end)
+        end = stop
+    return busy
+
+
+def _parquet_texts(folder: Path) -> dict[str, str]:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(folder, columns=["id", "generated_text"])
+    return dict(zip(table.column("id").to_pylist(), table.column("generated_text").to_pylist()))
+
+
+def worker_main(config_file: str) -> int:
+    """Entry point of a mode's subprocess: run the mode, write what it measured as JSON."""
+    started, started_wall = time.monotonic(), time.time()
+    config = WorkerConfig(**json.loads(Path(config_file).read_text()))
+    if config.mode == "raw":
+        os.environ.update(engine_env(config.cores))
+    elif config.mode == "transformers":
+        os.environ["OMP_NUM_THREADS"] = str(config.cores)
+    measured = RUNNERS[config.mode](config, started)
+    measured["started_wall"] = started_wall
+    texts = dict(sorted(measured.pop("texts", {}).items())[:TEXTS_COMPARED])
+    measured["driver_maxrss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    measured["children_maxrss_bytes"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    Path(config.result_file).write_text(json.dumps(measured))
+    Path(config.result_file + ".texts").write_text(json.dumps(texts))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The parent: a fresh subprocess per mode, its process tree sampled for memory, every process it left ended.
+
+
+class TreeSampler(threading.Thread):
+    """Samples the RSS of a process and all its descendants every 0.2 s; keeps the peaks, every pid seen and the CPU
+    time each used, so the CPU that other programs took meanwhile can be told apart (`foreign_cpu_share`)."""
+
+    def __init__(self, pid: int):
+        super().__init__(daemon=True)
+        import psutil
+
+        self.root = psutil.Process(pid)
+        self.stop = threading.Event()
+        self.driver_peak = 0
+        self.tree_peak = 0
+        self.tree_peak_processes = 0
+        self.tree_peak_breakdown: list[tuple[str, int]] = []
+        self.seen: dict[int, float] = {}
+        self.cpu_seconds: dict[int, float] = {}
+        self.labels: dict[int, str] = {}
+        self.started = time.monotonic()
+        self.busy_at_start = _system_busy_seconds()
+
+    def cpu_by_label(self) -> list[tuple[str, float]]:
+        """CPU seconds each kind of process used (as last sampled), largest first."""
+        grouped: dict[str, float] = {}
+        for pid, seconds in self.cpu_seconds.items():
+            label = self.labels.get(pid, f"pid {pid}")
+            grouped[label] = grouped.get(label, 0.0) + seconds
+        return sorted(grouped.items(), key=lambda item: -item[1])
+
+    def foreign_cpu_share(self) -> float:
+        """Share of all cores that processes outside the tree kept busy since the sampler started (0 = idle box)."""
+        elapsed = time.monotonic() - self.started
+        foreign = _system_busy_seconds() - self.busy_at_start - sum(self.cpu_seconds.values())
+        return max(0.0, foreign) / (elapsed * (os.cpu_count() or 1)) if elapsed > 0 else 0.0
+
+    def run(self) -> None:
+        import psutil
+
+        while not self.stop.is_set():
+            try:
+                processes = [self.root, *self.root.children(recursive=True)]
+            except psutil.NoSuchProcess:
+                return
+            sizes: list[tuple[psutil.Process, int]] = []
+            for process in processes:
+                try:
+                    sizes.append((process, process.memory_info().rss))
+                    self.seen.setdefault(process.pid, process.create_time())
+                    cpu = process.cpu_times()
+                    self.cpu_seconds[process.pid] = cpu.user + cpu.system
+                    self.labels[process.pid] = _label(process) or self.labels.get(process.pid, f"pid {process.pid}")
+                except psutil.Error:
+                    continue
+                if process.pid == self.root.pid:
+                    self.driver_peak = max(self.driver_peak, sizes[-1][1])
+            total = sum(rss for _, rss in sizes)
+            if total > self.tree_peak:
+                self.tree_peak, self.tree_peak_processes = total, len(sizes)
+                self.tree_peak_breakdown = sorted(((self.labels.get(p.pid, "?"), rss) for p, rss in sizes),
+                                                  key=lambda x: -x[1])
+            self.stop.wait(SAMPLE_INTERVAL_S)
+
+
+def _system_busy_seconds() -> float:
+    """CPU seconds all cores have spent not idle since boot."""
+    import psutil
+
+    times = psutil.cpu_times()
+    return sum(times) - times.idle - getattr(times, "iowait", 0.0)
+
+
+def _label(process: Any) -> str | None:
+    """A short name for a process: Ray's worker title (`ray::MapWorker(...)`), the program and its script or module,
+    or None when it is gone (a zombie has no command line)."""
+    import psutil
+
+    try:
+        command = process.cmdline()
+    except psutil.Error:
+        return None
+    if not command:
+        return None
+    if command[0].startswith("ray::"):
+        return command[0].split(" ")[0].removesuffix(".submit")[:60]
+    program = Path(command[0]).name
+    if "-m" in command[1:-1]:
+        return f"{program} -m {command[command.index('-m') + 1]}"[:60]
+    script = next((Path(arg).name for arg in command[1:] if arg.endswith(".py")), None)
+    return f"{program} {script or ' '.join(command[1:2])}".strip()[:60]
+
+
+def end_leftovers(seen: dict[int, float], own_pid: int) -> list[int]:
+    """End the processes a mode started that are still alive (matched by pid and start time); their pids."""
+    import psutil
+
+    alive = []
+    for pid, created in seen.items():
+        if pid == own_pid:
+            continue
+        try:
+            process = psutil.Process(pid)
+            if abs(process.create_time() - created) < 0.01:
+                alive.append(process)
+        except psutil.Error:
+            continue
+    for process in alive:
+        try:
+            process.terminate()
+        except psutil.Error:
+            pass
+    _, still = psutil.wait_procs(alive, timeout=10)
+    for process in still:
+        try:
+            process.kill()
+        except psutil.Error:
+            pass
+    return [p.pid for p in alive]
+
+
+@dataclass
+class ModeResult:
+    """What one mode measured, as reported."""
+
+    mode: str
+    ok: bool
+    rows: int | None = None
+    rows_measured: int | None = None
+    extrapolated: bool = False
+    wall_s: float | None = None
+    wall_measured_s: float | None = None
+    output_tokens: int | None = None
+    output_tokens_expected: int | None = None
+    prompt_tokens: int | None = None
+    e2e_tokens_per_s: float | None = None
+    engine_seconds: float | None = None
+    engine_tokens_per_s: float | None = None
+    engine_start_s: float | None = None
+    engine_ready_offset_s: float | None = None
+    first_output_s: float | None = None
+    first_output_file_s: float | None = None
+    driver_peak_rss_bytes: int | None = None
+    tree_peak_rss_bytes: int | None = None
+    tree_peak_processes: int | None = None
+    tree_peak_breakdown: list[tuple[str, int]] = field(default_factory=list)
+    cpu_seconds_by_process: list[tuple[str, float]] = field(default_factory=list)
+    driver_maxrss_bytes: int | None = None
+    children_maxrss_bytes: int | None = None
+    ended_leftover_pids: list[int] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+    other_cpu_share: float | None = None
+    error: str | None = None
+    log_file: str | None = None
+
+
+def run_mode(mode: str, root: Path, input_file: Path, rows: int, max_tokens: int, cores: int,
+             args: argparse.Namespace, tag: str | None = None) -> ModeResult:
+    """Run one mode in a fresh subprocess and collect its figures."""
+    import psutil
+
+    name = tag or mode
+    folder = root / "runs" / name
+    folder.mkdir(parents=True, exist_ok=True)
+    row_limit = min(rows, args.transformers_rows) if mode == "transformers" else None
+    budget = args.transformers_seconds if mode == "transformers" else None
+    config = WorkerConfig(mode=mode, input_file=str(input_file), output_dir=str(folder / "output"),
+                          model=str(root / "models" / "qwen-batch" / VARIANT), max_tokens=max_tokens, cores=cores,
+                          ray_temp_dir=str(root / "ray"), result_file=str(folder / "result.json"), row_limit=row_limit,
+                          time_budget_s=budget, ray_data_llm_batch=args.ray_data_llm_batch,
+                          ray_data_llm_stages=args.ray_data_llm_stages)
+    config_file = folder / "config.json"
+    config_file.write_text(json.dumps(asdict(config)))
+    log_file = folder / "log.txt"
+    print(f"[{time.strftime('%H:%M:%S')}] {name}: {row_limit or rows} rows x {max_tokens} tokens (log: {log_file})",
+          flush=True)
+    with log_file.open("w") as log:
+        child = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--worker", str(config_file)],
+                                 cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                 env={**os.environ, **cache_env(folder / "cache")})
+        sampler = TreeSampler(child.pid)
+        sampler.start()
+        try:
+            code = child.wait(timeout=args.mode_timeout)
+        except subprocess.TimeoutExpired:
+            code = None
+        finally:
+            # Also on Ctrl-C: Ray's workers run in their own sessions, so each process seen is ended by pid.
+            sampler.stop.set()
+            sampler.join()
+            foreign_share = sampler.foreign_cpu_share()
+            leftovers = end_leftovers(sampler.seen, os.getpid())
+            if child.poll() is None:
+                child.kill()
+            child.wait()
+    result = ModeResult(mode=name, ok=False, driver_peak_rss_bytes=sampler.driver_peak,
+                        tree_peak_rss_bytes=sampler.tree_peak, tree_peak_processes=sampler.tree_peak_processes,
+                        tree_peak_breakdown=sampler.tree_peak_breakdown,
+                        cpu_seconds_by_process=[(label, round(sec, 2)) for label, sec in sampler.cpu_by_label()],
+                        ended_leftover_pids=leftovers, log_file=str(log_file),
+                        other_cpu_share=round(foreign_share, 3))
+    result_file = Path(config.result_file)
+    if code != 0 or not result_file.exists():
+        tail = log_file.read_text(errors="replace").splitlines()[-25:]
+        result.error = f"exit code {code}; last log lines:\n" + "\n".join(tail)
+        print(f"  FAILED: {result.error}", flush=True)
+        return result
+    measured = json.loads(result_file.read_text())
+    result.ok = True
+    result.rows, result.rows_measured = rows, measured["rows"]
+    result.extrapolated = measured["rows"] != rows
+    result.wall_measured_s = result.wall_s = measured["wall_s"]
+    result.output_tokens = measured["output_tokens"]
+    result.output_tokens_expected = measured["rows"] * max_tokens
+    result.prompt_tokens = measured["prompt_tokens"]
+    result.e2e_tokens_per_s = measured["output_tokens"] / measured["wall_s"]
+    if result.extrapolated and measured["rows"]:
+        # Only the generate loop grows with rows; imports and model load are paid once.
+        scale = rows / measured["rows"]
+        result.wall_s = measured["wall_s"] - measured["scalable_s"] + measured["scalable_s"] * scale
+        result.e2e_tokens_per_s = measured["output_tokens"] * scale / result.wall_s
+    result.engine_seconds = measured["engine_seconds"]
+    if measured["engine_seconds"]:
+        result.engine_tokens_per_s = measured["output_tokens"] / measured["engine_seconds"]
+    logged_start, result.engine_ready_offset_s = engine_times_from_log(log_file, measured["started_wall"])
+    result.engine_start_s = measured["engine_start_s"] if measured["engine_start_s"] is not None else logged_start
+    result.first_output_s = measured["first_output_s"]
+    result.first_output_file_s = measured.get("first_output_file_s")
+    result.driver_maxrss_bytes = measured["driver_maxrss_bytes"]
+    result.children_maxrss_bytes = measured["children_maxrss_bytes"]
+    result.extra = {key: measured[key] for key in ("phases_s", "finish_reasons", "shards", "commit_offsets_s",
+                                                   "config", "rows_failed") if measured.get(key) is not None}
+    print(f"  done: wall {result.wall_measured_s:.1f} s, {result.output_tokens} output tokens, "
+          f"tree peak {_gib(result.tree_peak_rss_bytes)}, other programs used {foreign_share:.0%} of the cores",
+          flush=True)
+    return result
+
+
+def engine_times_from_log(log_file: Path, started_wall: float) -> tuple[float | None, float | None]:
+    """(engine start, engine ready offset) of an engine inside a Ray actor, to the second, from the log: start is
+    Ray Data starting the dataset (it then creates the engine actor, which imports vLLM and builds the engine) to vLLM's
+    `init engine ... took` line; the offset is that line's time after the mode began."""
+    import re
+
+    text = log_file.read_text(errors="replace")
+    ready = re.search(r"(?:INFO|WARNING) (\d\d-\d\d \d\d:\d\d:\d\d) \[core\.py:\d+\] init engine", text)
+    if not ready:
+        return None, None
+    year = datetime.fromtimestamp(started_wall).year
+    ready_at = datetime.strptime(f"{year}-{ready.group(1)}", "%Y-%m-%d %H:%M:%S").timestamp()
+    execution = re.search(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+)\s+INFO streaming_executor\.py:\d+ -- "
+                          r"Starting execution", text, re.MULTILINE)
+    if not execution:
+        return None, ready_at - started_wall
+    executed_at = datetime.strptime(execution.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+    return ready_at - executed_at, ready_at - started_wall
+
+
+def texts_agreement(root: Path, modes: list[str]) -> dict[str, float]:
+    """Share of rows whose text equals the raw mode's, for the modes that ran (greedy should agree)."""
+    reference_file = root / "runs" / "raw" / "result.json.texts"
+    if not reference_file.exists():
+        return {}
+    reference = json.loads(reference_file.read_text())
+    shares = {}
+    for mode in modes:
+        texts_file = root / "runs" / mode / "result.json.texts"
+        if mode == "raw" or not texts_file.exists():
+            continue
+        texts = json.loads(texts_file.read_text())
+        common = [key for key in texts if key in reference]
+        if common:
+            shares[mode] = sum(texts[key] == reference[key] for key in common) / len(common)
+    return shares
+
+
+def ratios(results: list[ModeResult]) -> dict[str, dict[str, float | None]]:
+    """qwen-batch's wall time and tokens/s over each other mode's (wall < 1 and tokens/s > 1 mean qwen-batch wins)."""
+    by_mode = {r.mode: r for r in results if r.ok}
+    reference = by_mode.get(REFERENCE_MODE)
+    if reference is None:
+        return {}
+    found = {}
+    for mode, other in by_mode.items():
+        if mode == REFERENCE_MODE:
+            continue
+        found[mode] = {
+            "wall": reference.wall_s / other.wall_s if other.wall_s else None,
+            "e2e_tokens_per_s": reference.e2e_tokens_per_s / other.e2e_tokens_per_s if other.e2e_tokens_per_s else None,
+            "engine_tokens_per_s": (reference.engine_tokens_per_s / other.engine_tokens_per_s
+                                    if reference.engine_tokens_per_s and other.engine_tokens_per_s else None),
+            "tree_peak_rss": (reference.tree_peak_rss_bytes / other.tree_peak_rss_bytes
+                              if other.tree_peak_rss_bytes else None),
+        }
+    return found
+
+
+def _gib(value: float | None) -> str:
+    return "-" if value is None else f"{value / GIB:.2f} GiB"
+
+
+def _num(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def print_table(results: list[ModeResult], found_ratios: dict[str, dict[str, float | None]]) -> None:
+    """The side-by-side table, then the ratios and the notes."""
+    columns = [
+        ("mode", lambda r: r.mode + (" *" if r.extrapolated else "")),
+        ("rows", lambda r: f"{r.rows_measured}" if r.rows_measured is not None else "-"),
+        ("wall s", lambda r: _num(r.wall_s)),
+        ("out tokens", lambda r: f"{r.output_tokens}" if r.output_tokens is not None else "-"),
+        ("e2e tok/s", lambda r: _num(r.e2e_tokens_per_s, 0)),
+        ("engine tok/s", lambda r: _num(r.engine_tokens_per_s, 0)),
+        ("engine start s", lambda r: _num(r.engine_start_s)),
+        ("engine ready at s", lambda r: _num(r.engine_ready_offset_s, 0)),
+        ("first out s", lambda r: _num(r.first_output_s if r.first_output_s is not None else r.first_output_file_s)),
+        ("driver peak", lambda r: _gib(r.driver_peak_rss_bytes)),
+        ("tree peak", lambda r: _gib(r.tree_peak_rss_bytes)),
+        ("children maxrss", lambda r: _gib(r.children_maxrss_bytes)),
+    ]
+    cells = [[name for name, _ in columns]]
+    for result in results:
+        cells.append([get(result) if result.ok or name == "mode" else ("FAILED" if name == "rows" else "-")
+                      for name, get in columns])
+    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
+    print()
+    for index, row in enumerate(cells):
+        print("  ".join(cell.ljust(width) if i == 0 else cell.rjust(width)
+                        for i, (cell, width) in enumerate(zip(row, widths))))
+        if index == 0:
+            print("  ".join("-" * width for width in widths))
+    if found_ratios:
+        print(f"\n{REFERENCE_MODE} vs each mode (wall: <1 is faster; tok/s: >1 is faster; memory: <1 is smaller)")
+        for mode, values in found_ratios.items():
+            print(f"  vs {mode:<13} wall x{_num(values['wall'], 2)}   e2e tok/s x{_num(values['e2e_tokens_per_s'], 2)}"
+                  f"   engine tok/s x{_num(values['engine_tokens_per_s'], 2)}"
+                  f"   tree peak RSS x{_num(values['tree_peak_rss'], 2)}")
+
+
+def print_breakdown(results: list[ModeResult]) -> None:
+    """What made up each mode's tree peak (RSS per kind of process at the largest sample) and where its CPU went."""
+    print("\ntree peak by process (RSS at the peak sample; processes under 32 MiB summed as `other`):")
+    for result in results:
+        grouped: dict[str, list[int]] = {}
+        for label, rss in result.tree_peak_breakdown:
+            grouped.setdefault(label if rss >= 32 << 20 else "other", []).append(rss)
+        parts = [f"{label}{f' x{len(sizes)}' if len(sizes) > 1 else ''} {sum(sizes) / GIB:.2f}"
+                 for label, sizes in sorted(grouped.items(), key=lambda item: -sum(item[1]))]
+        print(f"  {result.mode}: " + ", ".join(parts))
+    print("\nCPU seconds by process over the whole mode (as last sampled; under 0.5 s summed as `other`):")
+    for result in results:
+        grouped: dict[str, float] = {}
+        for label, seconds in result.cpu_seconds_by_process:
+            key = label if seconds >= 0.5 else "other"
+            grouped[key] = grouped.get(key, 0.0) + seconds
+        total = sum(grouped.values())
+        parts = [f"{label} {seconds:.1f}" for label, seconds in sorted(grouped.items(), key=lambda item: -item[1])]
+        print(f"  {result.mode} ({total:.0f} CPU-s): " + ", ".join(parts))
+
+
+def print_noise(results: list[ModeResult]) -> None:
+    """How much CPU other programs took while each mode ran: above a few percent the figures are noisy."""
+    shares = [f"{r.mode} {r.other_cpu_share:.0%}" for r in results if r.other_cpu_share is not None]
+    busy = any(r.other_cpu_share > NOISY_SHARE for r in results if r.other_cpu_share is not None)
+    print(f"  CPU other programs used while each mode ran (share of {os.cpu_count()} cores): {', '.join(shares)}"
+          + ("  <- the machine was busy: figures are noisy" if busy else ""))
+
+
+def print_notes(results: list[ModeResult], args: argparse.Namespace) -> None:
+    print("\nnotes:")
+    for result in results:
+        if result.extrapolated:
+            print(f"  * {result.mode}: ran {result.rows_measured} of {result.rows} rows (--transformers-rows / "
+                  f"--transformers-seconds); wall s and e2e tok/s are extrapolated to {result.rows} rows by "
+                  f"scaling its generate loop x{result.rows / result.rows_measured:.1f} (measured wall "
+                  f"{result.wall_measured_s:.1f} s); engine tok/s and memory are as measured")
+    print("  first out s: qwen-batch = first commit record's committed_at (whole seconds, truncated); raw = all rows "
+          "at once; transformers = first batch of 8; ray-data-llm = first Parquet file's mtime")
+    print("  engine start: raw = the LLM(...) call (vLLM already imported); transformers = from_pretrained; Ray modes "
+          "= Ray Data starting the dataset to vLLM's `init engine` log line (actor start + vLLM import + engine "
+          "build, whole seconds); engine ready at = that line after the mode's start")
+    print("  engine tok/s: raw = generate call; qwen-batch = manifest engine_seconds (sum of per-shard generate); "
+          "ray-data-llm = time vLLM had a request scheduled (its per-request timestamps); transformers = generate loop")
+    print("  tree peak = max over 0.2 s samples of the summed RSS of the mode's process and all descendants (shared "
+          "pages count once per process); children maxrss = getrusage(RUSAGE_CHILDREN) in the mode's process: the "
+          "largest descendant it reaped (misses Ray workers, which the raylet reaps)")
+    print_noise(results)
+    print(f"  ray-data-llm configuration: stages={args.ray_data_llm_stages}, batch_size={args.ray_data_llm_batch}")
+    for result in results:
+        if result.ok and result.output_tokens != result.output_tokens_expected:
+            print(f"  ! {result.mode}: {result.output_tokens} output tokens, expected "
+                  f"{result.output_tokens_expected} ({result.rows_measured} rows x max_tokens)")
+
+
+def cache_env(folder: Path) -> dict[str, str]:
+    """Every cache under `folder`: each mode gets empty ones, so none starts warm from an earlier mode (vLLM caches
+    what it learns about the model architecture under VLLM_CACHE_ROOT: about 10 s of the first engine start)."""
+    env = {}
+    for name, sub in (("VLLM_CACHE_ROOT", "vllm"), ("TORCHINDUCTOR_CACHE_DIR", "inductor"), ("XDG_CACHE_HOME", "xdg"),
+                      ("HF_HOME", "hf"), ("TMPDIR", "tmp")):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+        env[name] = str(folder / sub)
+    return env
+
+
+def prepare(root: Path, rows: int) -> Path:
+    """Caches in the temp folder, the tiny model where qwen-batch's catalog finds it, and the input file."""
+    os.environ.update(cache_env(root / "cache"))
+    (root / "ray").mkdir(exist_ok=True)
+    os.environ["RAY_TMPDIR"] = str(root / "ray")
+    os.environ["QWEN_BATCH_MODEL_DIR"] = str(root / "models")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    checkpoint = root / "models" / "qwen-batch" / VARIANT
+    if not (checkpoint / "config.json").exists():
+        print(f"building the tiny model at {checkpoint}", flush=True)
+        subprocess.run([sys.executable, "-c", "import sys; from jobs.tiny_model import make_tiny_model; "
+                        "make_tiny_model('qwen2', sys.argv[1])", str(checkpoint)], cwd=REPO, check=True)
+    input_file = root / "input" / f"prompts-{rows}.jsonl"
+    if not input_file.exists():
+        write_jsonl(input_file, make_rows(rows))
+    return input_file
+
+
+def run_comparison(args: argparse.Namespace, root: Path, cores: int) -> dict[str, Any]:
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    unknown = sorted(set(modes) - set(MODES))
+    if unknown:
+        raise SystemExit(f"--modes: unknown mode(s) {unknown}; expected some of {list(MODES)}")
+    input_file = prepare(root, args.rows)
+    started = time.monotonic()
+    results = [run_mode(mode, root, input_file, args.rows, args.max_tokens, cores, args) for mode in modes]
+    found_ratios = ratios(results)
+    agreement = texts_agreement(root, modes)
+    print(f"\n{args.rows} rows, max_tokens {args.max_tokens}, greedy, {VARIANT} float32, {cores} cores; "
+          f"total {time.monotonic() - started:.0f} s")
+    print_table(results, found_ratios)
+    tokens = {r.mode: f"{r.output_tokens}/{r.output_tokens_expected}" for r in results if r.ok}
+    print(f"\noutput tokens (got/expected): {tokens}")
+    if agreement:
+        print("generated text equal to raw's (greedy; sampled rows): "
+              + ", ".join(f"{mode} {share:.0%}" for mode, share in agreement.items()))
+    print_breakdown(results)
+    print_notes(results, args)
+    return {"kind": "comparison", "rows": args.rows, "max_tokens": args.max_tokens, "cores": cores,
+            "variant": VARIANT, "results": [asdict(r) for r in results], "ratios": found_ratios,
+            "text_agreement_with_raw": agreement}
+
+
+def run_scaling(args: argparse.Namespace, root: Path, cores: int) -> dict[str, Any]:
+    """qwen-batch alone at growing sizes with max_tokens 1: what each row costs outside the engine."""
+    sizes = [int(size) for size in args.scaling_sizes.split(",")]
+    results = []
+    for size in sizes:
+        input_file = prepare(root, size)
+        results.append(run_mode(REFERENCE_MODE, root, input_file, size, 1, cores, args, tag=f"qwen-batch-{size}"))
+    print(f"\nqwen-batch scaling, max_tokens 1, {cores} cores; after ready = wall after the engine was ready, "
+          "engine = manifest engine_seconds, outside = after ready minus engine (per-row cost the engine waits on)")
+    header = ["rows", "wall s", "s/1k rows", "ready at s", "after ready", "engine s/1k", "outside s/1k", "shards",
+              "driver peak", "driver maxrss", "tree peak"]
+    print("  ".join(f"{h:>13}" for h in header))
+    table = []
+    for size, result in zip(sizes, results):
+        if not result.ok:
+            print(f"{size:>13}  FAILED (log: {result.log_file})")
+            continue
+        ready = result.engine_ready_offset_s
+        after_ready = (result.wall_s - ready) / size * 1000 if ready is not None else None
+        engine = result.engine_seconds / size * 1000 if result.engine_seconds is not None else None
+        row = {"rows": size, "wall_s": result.wall_s, "wall_s_per_1k_rows": result.wall_s / size * 1000,
+               "engine_ready_at_s": ready, "after_ready_s_per_1k_rows": after_ready,
+               "engine_s_per_1k_rows": engine,
+               "outside_engine_s_per_1k_rows": after_ready - engine if None not in (after_ready, engine) else None,
+               "engine_seconds": result.engine_seconds, "shards": result.extra.get("shards"),
+               "driver_peak_rss_bytes": result.driver_peak_rss_bytes, "driver_maxrss_bytes": result.driver_maxrss_bytes,
+               "tree_peak_rss_bytes": result.tree_peak_rss_bytes}
+        table.append(row)
+        print("  ".join(f"{v:>13}" for v in [
+            size, _num(row["wall_s"]), _num(row["wall_s_per_1k_rows"], 2), _num(ready), _num(after_ready, 2),
+            _num(engine, 2), _num(row["outside_engine_s_per_1k_rows"], 2), str(row["shards"]),
+            _gib(row["driver_peak_rss_bytes"]), _gib(row["driver_maxrss_bytes"]), _gib(row["tree_peak_rss_bytes"])]))
+    by_size = {row["rows"]: row for row in table}
+    rss_ratio = None
+    if 100_000 in by_size and 10_000 in by_size:
+        large, small = by_size[100_000], by_size[10_000]
+        rss_ratio = large["driver_peak_rss_bytes"] / small["driver_peak_rss_bytes"]
+        exact = large["driver_maxrss_bytes"] / small["driver_maxrss_bytes"]
+        print(f"\ndriver peak RSS(100k) / RSS(10k) = {rss_ratio:.2f} sampled, {exact:.2f} by getrusage maxrss "
+              "(1.0 = flat; 10 = grows with rows)")
+    print_breakdown(results)
+    print_noise(results)
+    return {"kind": "scaling", "cores": cores, "variant": VARIANT, "sizes": table,
+            "driver_rss_ratio_100k_10k": rss_ratio, "results": [asdict(r) for r in results]}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="tests/bench.py", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=2048, help="prompts in the dataset (default 2048)")
+    parser.add_argument("--max-tokens", type=int, default=32, help="tokens generated per prompt (default 32)")
+    parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, from {', '.join(MODES)}")
+    parser.add_argument("--transformers-rows", type=int, default=TRANSFORMERS_MAX_ROWS,
+                        help="most rows the transformers mode runs; its wall time is scaled to --rows and labelled "
+                             f"(default {TRANSFORMERS_MAX_ROWS})")
+    parser.add_argument("--transformers-seconds", type=float, default=TRANSFORMERS_BUDGET_S,
+                        help="the transformers mode stops generating after this many seconds and is extrapolated "
+                             f"(default {TRANSFORMERS_BUDGET_S:g})")
+    parser.add_argument("--ray-data-llm-stages", choices=["template", "all"], default="template",
+                        help="Ray Data LLM's CPU stages: `template` (its chat template stage only; vLLM tokenizes "
+                             "and detokenizes inside the engine) or `all` (template, tokenize and detokenize stages, "
+                             "so the engine gets token ids). Light stages ask for 0.25 CPU. Default: template")
+    parser.add_argument("--ray-data-llm-batch", type=int, default=RAY_DATA_LLM_BATCH,
+                        help=f"Ray Data LLM processor batch_size (default {RAY_DATA_LLM_BATCH})")
+    parser.add_argument("--scaling", action="store_true", help="qwen-batch alone, max_tokens 1, at --scaling-sizes")
+    parser.add_argument("--scaling-sizes", default="1000,10000,100000", help="rows per scaling run")
+    parser.add_argument("--mode-timeout", type=float, default=1800, help="seconds before a mode is killed")
+    parser.add_argument("--out", default="bench.json", help="JSON results file (default bench.json)")
+    parser.add_argument("--keep", action="store_true", help="keep the temp folder (models, inputs, outputs, logs)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        return worker_main(args.worker)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind through the cleanup below
+    cores = os.cpu_count() or 1
+    root = Path(tempfile.mkdtemp(prefix="qb-bench-"))
+    try:
+        report = run_scaling(args, root, cores) if args.scaling else run_comparison(args, root, cores)
+        report["versions"] = _versions()
+        Path(args.out).write_text(json.dumps(report, indent=2, default=str))
+        print(f"\nwrote {args.out}" + (f"; temp folder kept at {root}" if args.keep else ""))
+    finally:
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+    return 0
+
+
+def _versions() -> dict[str, str]:
+    from jobs.driver import versions
+
+    return versions()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
