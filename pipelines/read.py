@@ -219,7 +219,22 @@ def read_shard(shard: Shard, config: ReadConfig) -> pa.Table:
             ) from exc
         message = f"input file {shard.file} could not be read: {exc}"
         rows = [_error_row(shard, shard.row_start + i, "bad_file", message) for i in range(shard.row_count)]
+    if config.id_column is not None:
+        _flag_duplicate_ids(shard, rows)
     return _to_block(shard, rows, config)
+
+
+def _flag_duplicate_ids(shard: Shard, rows: list[dict[str, Any]]) -> None:
+    """Later rows of the shard that repeat an earlier row's id become `duplicate_id` error rows."""
+    first_row: dict[str, int] = {}
+    for row in rows:
+        if row["_error_type"] is not None:
+            continue
+        earlier = first_row.setdefault(row["id"], row["source_row"])
+        if earlier != row["source_row"]:
+            row.update(_prompt=None, _error_type="duplicate_id",
+                       _error=f"{shard.file} row {row['source_row']}: id {row['id']!r} was already used by row "
+                              f"{earlier}, which is answered; make the ids in the id column unique")
 
 
 def _read_jsonl(shard: Shard, config: ReadConfig) -> list[dict[str, Any]]:

@@ -454,3 +454,14 @@ def test_corrupt_parquet_with_skip_is_listed_in_bad_files(tmp_path: Path) -> Non
     assert bad_files == [str(bad)]
     assert {s.file for s in shards} == {str(good)}
     assert sum(s.row_count for s in shards) == PARQUET_TABLE.num_rows
+
+
+def test_a_repeated_id_within_a_shard_becomes_a_duplicate_id_error_row(tmp_path: Path) -> None:
+    path = tmp_path / "in.jsonl"
+    path.write_text('{"key": "a", "q": "x"}\n{"key": "b", "q": "y"}\n{"key": "a", "q": "z"}\n')
+    spec = InputSpec(path=str(path), format="jsonl", id_column="key")
+    (shard,), _ = plan_shards(spec, list_files(str(path)))
+    block = read_shard(shard, ReadConfig.of(spec, ["q"]))
+    assert block.column("id").to_pylist() == ["a", "b", "a"]
+    assert block.column("_error_type").to_pylist() == [None, None, "duplicate_id"]
+    assert "id 'a' was already used by row 0" in block.column("_error")[2].as_py()
