@@ -1,0 +1,17 @@
+"""qwen-batch's public entry points: run or plan a job here, submit one to a Ray cluster, and the `qwen-batch` CLI."""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+__all__ = ["plan_job", "run_job", "submit_job"]
+
+_HOMES = {"plan_job": "jobs.driver", "run_job": "jobs.driver", "submit_job": "jobs.submit"}
+
+
+def __getattr__(name: str) -> Any:
+    # Imported on first use: `qwen-batch --help` should not pay for importing Ray.
+    if name in _HOMES:
+        return getattr(import_module(_HOMES[name]), name)
+    raise AttributeError(f"module 'jobs' has no attribute {name!r}")
