@@ -575,7 +575,6 @@ class ModeResult:
 def run_mode(mode: str, root: Path, input_file: Path, rows: int, max_tokens: int, cores: int,
              args: argparse.Namespace, tag: str | None = None) -> ModeResult:
     """Run one mode in a fresh subprocess and collect its figures."""
-    import psutil
 
     name = tag or mode
     folder = root / "runs" / name
