@@ -503,6 +503,8 @@ def _label(process: Any) -> str | None:
     if command[0].startswith("ray::"):
         return command[0].split(" ")[0].removesuffix(".submit")[:60]
     program = Path(command[0]).name
+    if not program.startswith("python"):
+        return program[:60]
     if "-m" in command[1:-1]:
         return f"{program} -m {command[command.index('-m') + 1]}"[:60]
     script = next((Path(arg).name for arg in command[1:] if arg.endswith(".py")), None)
