@@ -45,8 +45,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 
-from schemas.catalog import CATALOG, ModelVariant
-from schemas.errors import SpecError
+from qwen_batch.schemas.catalog import CATALOG, ModelVariant
+from qwen_batch.schemas.errors import SpecError
 
 __all__ = [
     "GPU_TYPES",

@@ -9,11 +9,11 @@ from typing import Any
 
 import yaml
 
-from cluster.resources import gpu_plan
-from pipelines.storage import redact
-from schemas.catalog import get_variant
-from schemas.errors import SpecError
-from schemas.spec import JobSpec, load_spec
+from qwen_batch.cluster.resources import gpu_plan
+from qwen_batch.pipelines.storage import redact
+from qwen_batch.schemas.catalog import get_variant
+from qwen_batch.schemas.errors import SpecError
+from qwen_batch.schemas.spec import JobSpec, load_spec
 
 __all__ = ["rayjob_name", "render_command", "render_configmap", "render_rayjob", "render_yaml"]
 

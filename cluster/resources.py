@@ -7,10 +7,10 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from cluster.planner import GPU_TYPES, VariantPlan, plan_variant
-from schemas.catalog import ModelVariant
-from schemas.errors import SpecError
-from schemas.spec import JobSpec, ModelSpec
+from qwen_batch.cluster.planner import GPU_TYPES, VariantPlan, plan_variant
+from qwen_batch.schemas.catalog import ModelVariant
+from qwen_batch.schemas.errors import SpecError
+from qwen_batch.schemas.spec import JobSpec, ModelSpec
 
 log = logging.getLogger(__name__)
 

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 from importlib import import_module
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from qwen_batch.jobs.driver import plan_job, run_job
+    from qwen_batch.jobs.submit import submit_job
 
 __all__ = ["plan_job", "run_job", "submit_job"]
 
-_HOMES = {"plan_job": "jobs.driver", "run_job": "jobs.driver", "submit_job": "jobs.submit"}
+_HOMES = {"plan_job": "qwen_batch.jobs.driver", "run_job": "qwen_batch.jobs.driver",
+          "submit_job": "qwen_batch.jobs.submit"}
 
 
 def __getattr__(name: str) -> Any:
     # Imported on first use: `qwen-batch --help` should not pay for importing Ray.
     if name in _HOMES:
         return getattr(import_module(_HOMES[name]), name)
-    raise AttributeError(f"module 'jobs' has no attribute {name!r}")
+    raise AttributeError(f"module 'qwen_batch.jobs' has no attribute {name!r}")

@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 
-from schemas.errors import SpecError
+from qwen_batch.schemas.errors import SpecError
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -112,14 +112,14 @@ def _add_logical_date(command: argparse.ArgumentParser, more: str = "") -> None:
 
 def _logical_date(args: argparse.Namespace) -> datetime | None:
     """--logical-date, parsed; None when not given (load_spec then reads QWEN_BATCH_LOGICAL_DATE)."""
-    from schemas.spec import parse_logical_date
+    from qwen_batch.schemas.spec import parse_logical_date
 
     return None if args.logical_date is None else parse_logical_date(args.logical_date)
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from jobs.driver import plan_job
-    from schemas.spec import load_spec
+    from qwen_batch.jobs.driver import plan_job
+    from qwen_batch.schemas.spec import load_spec
 
     plan = plan_job(load_spec(args.spec, _logical_date(args)))
     print(json.dumps({
@@ -133,15 +133,15 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from jobs.estimate import estimate_job
-    from schemas.spec import load_spec
+    from qwen_batch.jobs.estimate import estimate_job
+    from qwen_batch.schemas.spec import load_spec
 
     print(estimate_job(load_spec(args.spec, _logical_date(args)), args.gpu_type, args.gpus))
     return 0
 
 
 def _render(args: argparse.Namespace) -> int:
-    from cluster.render import render_command
+    from qwen_batch.cluster.render import render_command
 
     print(render_command(args.spec, args.image, args.gpus_per_worker, args.workers, args.namespace,
                          logical_date=_logical_date(args)), end="")
@@ -149,8 +149,8 @@ def _render(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from jobs.driver import run_job
-    from schemas.spec import load_spec
+    from qwen_batch.jobs.driver import run_job
+    from qwen_batch.schemas.spec import load_spec
 
     manifest = run_job(load_spec(args.spec, _logical_date(args)), address=args.address, overwrite=args.overwrite)
     print(_summary(manifest))
@@ -170,7 +170,7 @@ def _summary(manifest) -> str:
 
 
 def _models(args: argparse.Namespace) -> int:
-    from schemas.catalog import CATALOG
+    from qwen_batch.schemas.catalog import CATALOG
 
     header = f"{'name':34} {'hugging face id':44} {'params':>8} {'context':>8} {'in $/M':>7} {'out $/M':>7}"
     print(header)
@@ -181,9 +181,9 @@ def _models(args: argparse.Namespace) -> int:
 
 
 def _make_tiny_model(args: argparse.Namespace) -> int:
-    from jobs.driver import model_dir
-    from jobs.tiny_model import make_tiny_model
-    from schemas.catalog import get_variant
+    from qwen_batch.jobs.driver import model_dir
+    from qwen_batch.jobs.tiny_model import make_tiny_model
+    from qwen_batch.schemas.catalog import get_variant
 
     out_dir = Path(args.out_dir) if args.out_dir else model_dir() / get_variant(f"tiny-{args.arch}").hf_id
     print(make_tiny_model(args.arch, out_dir))
@@ -191,13 +191,13 @@ def _make_tiny_model(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from jobs.demo import run_demo
+    from qwen_batch.jobs.demo import run_demo
 
     return run_demo(Path(args.dir), args.rows)
 
 
 def _report(args: argparse.Namespace) -> int:
-    from jobs.report import write_report
+    from qwen_batch.jobs.report import write_report
 
     try:
         print(write_report(args.output_path, args.out))
@@ -226,7 +226,7 @@ def _jobs_api(handler: Callable[[argparse.Namespace], int]) -> Callable[[argpars
 
 @_jobs_api
 def _submit(args: argparse.Namespace) -> int:
-    from jobs.submit import job_logs, job_status, submit_job
+    from qwen_batch.jobs.submit import job_logs, job_status, submit_job
 
     submission_id = submit_job(args.spec, args.address, extra_args=["--overwrite"] if args.overwrite else None,
                                python=args.python, logical_date=_logical_date(args))
@@ -242,7 +242,7 @@ def _submit(args: argparse.Namespace) -> int:
 
 @_jobs_api
 def _job_status(args: argparse.Namespace) -> int:
-    from jobs.submit import job_status
+    from qwen_batch.jobs.submit import job_status
 
     print(job_status(args.address, args.submission_id))
     return 0
@@ -250,7 +250,7 @@ def _job_status(args: argparse.Namespace) -> int:
 
 @_jobs_api
 def _job_logs(args: argparse.Namespace) -> int:
-    from jobs.submit import job_logs
+    from qwen_batch.jobs.submit import job_logs
 
     for chunk in job_logs(args.address, args.submission_id, follow=args.follow):
         print(chunk, end="", flush=True)
@@ -259,7 +259,7 @@ def _job_logs(args: argparse.Namespace) -> int:
 
 @_jobs_api
 def _stop_job(args: argparse.Namespace) -> int:
-    from jobs.submit import stop_job
+    from qwen_batch.jobs.submit import stop_job
 
     stopped = stop_job(args.address, args.submission_id)
     print(f"job {args.submission_id}: {'stopping' if stopped else 'had already ended'}")

@@ -9,10 +9,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import yaml
 
-from jobs.driver import model_dir, run_job
-from jobs.tiny_model import make_tiny_model
-from schemas.catalog import get_variant
-from schemas.spec import load_spec
+from qwen_batch.jobs.driver import model_dir, run_job
+from qwen_batch.jobs.tiny_model import make_tiny_model
+from qwen_batch.schemas.catalog import get_variant
+from qwen_batch.schemas.spec import load_spec
 
 PRODUCTS = ["kettle", "backpack", "headphones", "desk lamp", "running shoes", "blender", "phone case", "tent"]
 OPINIONS = ["works perfectly", "broke after a week", "is exactly as described", "arrived scratched",
@@ -30,7 +30,7 @@ def sample_reviews(rows: int, seed: int = 0) -> list[dict[str, str]]:
 
 def run_demo(folder: Path, rows: int) -> int:
     """Write the sample input and spec under `folder`, run the job, print the manifest summary and a few rows."""
-    from jobs.cli import _summary
+    from qwen_batch.jobs.cli import _summary
 
     folder = folder.resolve()
     checkpoint = model_dir() / get_variant("tiny-qwen2").hf_id

@@ -17,18 +17,18 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
-from jobs.progress import Progress
+from qwen_batch.jobs.progress import Progress
 from pyarrow import ArrowException
 
-from pipelines import storage
-from pipelines.engine import EngineConfig
-from pipelines.prompts import PromptConfig, Routes
-from pipelines.read import ReadConfig, Shard, input_columns, plan_shards
-from pipelines.write import OPENAI_DIR, Layout, WriteConfig, read_commit
-from schemas.catalog import ModelVariant, get_variant
-from schemas.errors import SpecError
-from schemas.results import RESULT_COLUMNS, CommitRecord, JobManifest, RunRecord, Totals
-from schemas.spec import JobSpec, ModelSpec
+from qwen_batch.pipelines import storage
+from qwen_batch.pipelines.engine import EngineConfig
+from qwen_batch.pipelines.prompts import PromptConfig, Routes
+from qwen_batch.pipelines.read import ReadConfig, Shard, input_columns, plan_shards
+from qwen_batch.pipelines.write import OPENAI_DIR, Layout, WriteConfig, read_commit
+from qwen_batch.schemas.catalog import ModelVariant, get_variant
+from qwen_batch.schemas.errors import SpecError
+from qwen_batch.schemas.results import RESULT_COLUMNS, CommitRecord, JobManifest, RunRecord, Totals
+from qwen_batch.schemas.spec import JobSpec, ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -189,9 +189,9 @@ def _committed(layout: Layout, variant: str, spec: JobSpec) -> set[str]:
 
 def run_job(spec: JobSpec, *, address: str | None = None, overwrite: bool = False) -> JobManifest:
     """Run a job to completion (resuming any earlier run of the same spec) and return its manifest."""
-    from cluster.local import cluster_gpus, ray_cluster
-    from cluster.resources import plan_replicas
-    from pipelines.pipeline import build_dataset
+    from qwen_batch.cluster.local import cluster_gpus, ray_cluster
+    from qwen_batch.cluster.resources import plan_replicas
+    from qwen_batch.pipelines.pipeline import build_dataset
 
     started_at, started = _now(), time.monotonic()
     plan = plan_job(spec, overwrite=overwrite)

@@ -6,12 +6,12 @@ from dataclasses import replace
 from pathlib import Path
 from statistics import fmean
 
-from cluster.planner import GPU_TYPES, estimate_run, plan_variant
-from jobs.driver import JobPlan, ModelPlan, model_dir, plan_job, stage_configs
-from pipelines.prompts import PromptStage
-from pipelines.read import read_shard
-from schemas.errors import SpecError
-from schemas.spec import JobSpec
+from qwen_batch.cluster.planner import GPU_TYPES, estimate_run, plan_variant
+from qwen_batch.jobs.driver import JobPlan, ModelPlan, model_dir, plan_job, stage_configs
+from qwen_batch.pipelines.prompts import PromptStage
+from qwen_batch.pipelines.read import read_shard
+from qwen_batch.schemas.errors import SpecError
+from qwen_batch.schemas.spec import JobSpec
 
 SAMPLE_ROWS = 512
 
@@ -48,7 +48,7 @@ def sample_tokenizer(model: ModelPlan) -> tuple[str, str]:
     """The variant's tokenizer if it is local, else the tiny test model of its family (same BPE, same template)."""
     if Path(model.model).is_dir():
         return model.model, f"tokenized with {model.model}"
-    from jobs.tiny_model import make_tiny_model
+    from qwen_batch.jobs.tiny_model import make_tiny_model
 
     arch = "qwen3" if model.variant.architecture.startswith("Qwen3") else "qwen2"
     folder = model_dir() / "qwen-batch" / f"tiny-{arch}"

@@ -26,11 +26,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from matplotlib.figure import Figure
 
-from jobs.driver import MANIFEST_FILE, RUNS_DIR
-from pipelines import storage
-from pipelines.write import Layout, read_commit
-from schemas.errors import SpecError
-from schemas.results import CommitRecord, JobManifest, RunRecord
+from qwen_batch.jobs.driver import MANIFEST_FILE, RUNS_DIR
+from qwen_batch.pipelines import storage
+from qwen_batch.pipelines.write import Layout, read_commit
+from qwen_batch.schemas.errors import SpecError
+from qwen_batch.schemas.results import CommitRecord, JobManifest, RunRecord
 
 __all__ = ["REPORT_FILE", "build_report", "write_report"]
 

@@ -1,7 +1,8 @@
 """Run jobs on a Ray cluster through the Ray Jobs API: ship the spec and this project's code, follow, stop.
 
-The job runs `python -m jobs.cli run job.yaml` on the head node, in a `runtime_env` whose `working_dir` holds only the
-spec (as `job.yaml`) and whose `py_modules` are this project's packages (`jobs`, `pipelines`, `cluster`, `schemas`),
+The job runs `python -m qwen_batch.jobs.cli run job.yaml` on the head node, in a `runtime_env` whose `working_dir` holds only the
+spec (as `job.yaml`) and whose one `py_modules` entry is this project's `qwen_batch` namespace (`jobs`, `pipelines`,
+`cluster`, `schemas`),
 so the cluster runs the code of the machine that submits, whether or not it has qwen-batch installed. The cluster
 must already have Ray (same version) and vLLM with qwen-batch's dependencies; nothing is pip-installed per job.
 """
@@ -20,13 +21,14 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from schemas.errors import SpecError
+from qwen_batch.schemas.errors import SpecError
 
 if TYPE_CHECKING:
     from ray.job_submission import JobSubmissionClient
 
 __all__ = ["job_logs", "job_status", "stop_job", "submit_job", "wait_job"]
 
+NAMESPACE = "qwen_batch"
 PROJECT_PACKAGES = ("jobs", "pipelines", "cluster", "schemas")
 SPEC_NAME = "job.yaml"
 METADATA_KEY = "qwen_batch_job"
@@ -44,17 +46,16 @@ def submit_job(spec_path: str, address: str, *, extra_args: list[str] | None = N
     (`logical_date`, else QWEN_BATCH_LOGICAL_DATE here) goes to `run` as `--logical-date`, since the cluster does
     not share this machine's environment.
     """
-    from schemas.spec import load_spec, logical_date_from_env
+    from qwen_batch.schemas.spec import load_spec, logical_date_from_env
 
     logical_date = logical_date or logical_date_from_env()
     spec = load_spec(spec_path, logical_date)
     _check_reachable_paths(spec_path, {"input.path": spec.input.path, "output.path": spec.output.path})
     dated = ["--logical-date", logical_date.isoformat()] if logical_date else []
-    entrypoint = shlex.join([python, "-m", "jobs.cli", "run", SPEC_NAME, *dated, *(extra_args or [])])
+    entrypoint = shlex.join([python, "-m", "qwen_batch.jobs.cli", "run", SPEC_NAME, *dated, *(extra_args or [])])
     client = _client(address)
     with tempfile.TemporaryDirectory(prefix="qwen-batch-submit-") as folder:
-        shutil.copyfile(spec_path, Path(folder) / SPEC_NAME)
-        submission_id = client.submit_job(entrypoint=entrypoint, runtime_env=_runtime_env(folder),
+        submission_id = client.submit_job(entrypoint=entrypoint, runtime_env=_runtime_env(folder, spec_path),
                                           metadata={METADATA_KEY: spec.name})
     if wait:
         status = wait_job(address, submission_id)
@@ -144,11 +145,17 @@ def _auth_headers() -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"} if token else {}
 
 
-def _runtime_env(folder: str) -> dict[str, Any]:
-    """The spec folder as working_dir, this project's packages as py_modules (found wherever they are imported
-    from: a checkout, an editable install or site-packages)."""
-    packages = [importlib.import_module(name).__path__[0] for name in PROJECT_PACKAGES]
-    return {"working_dir": folder, "py_modules": packages, "excludes": ["__pycache__", "*.pyc"]}
+def _runtime_env(folder: str, spec_path: str) -> dict[str, Any]:
+    """The spec (copied into `folder/spec`) as working_dir; this project's packages (found wherever they are imported
+    from: a checkout, an editable install or site-packages) copied into `folder/qwen_batch` and shipped as that one
+    py_module, so the cluster imports them under the same names as here."""
+    spec_folder, namespace = Path(folder) / "spec", Path(folder) / NAMESPACE
+    spec_folder.mkdir()
+    shutil.copyfile(spec_path, spec_folder / SPEC_NAME)
+    for name in PROJECT_PACKAGES:
+        shutil.copytree(importlib.import_module(f"{NAMESPACE}.{name}").__path__[0], namespace / name,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    return {"working_dir": str(spec_folder), "py_modules": [str(namespace)], "excludes": ["__pycache__", "*.pyc"]}
 
 
 def _check_reachable_paths(spec_path: str, paths: dict[str, str]) -> None:

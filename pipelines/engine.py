@@ -12,7 +12,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from pipelines.stage import Stage, with_errors
+from qwen_batch.pipelines.stage import Stage, with_errors
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ import hashlib
 import json
 from typing import Any
 
-from schemas.errors import RowError
+from qwen_batch.schemas.errors import RowError
 
 CHAT_COMPLETIONS = "/v1/chat/completions"
 # Body fields with a meaning here; anything else a model server would act on is refused rather than ignored.

@@ -5,12 +5,12 @@ from __future__ import annotations
 import ray
 from ray.data import ActorPoolStrategy, DataContext, Dataset
 
-from cluster.resources import ReplicaPlan
-from pipelines.engine import EngineConfig, EngineStage
-from pipelines.prompts import PromptConfig, PromptStage
-from pipelines.read import BLOCK_SCHEMA, ReadConfig, Shard, ShardDatasource
-from pipelines.stage import check_wiring
-from pipelines.write import WriteConfig, WriteStage
+from qwen_batch.cluster.resources import ReplicaPlan
+from qwen_batch.pipelines.engine import EngineConfig, EngineStage
+from qwen_batch.pipelines.prompts import PromptConfig, PromptStage
+from qwen_batch.pipelines.read import BLOCK_SCHEMA, ReadConfig, Shard, ShardDatasource
+from qwen_batch.pipelines.stage import check_wiring
+from qwen_batch.pipelines.write import WriteConfig, WriteStage
 
 # Logical CPUs asked for by the light stages, so that on a small node they never starve the engine actor.
 READ_CPUS = 0.25

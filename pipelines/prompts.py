@@ -9,8 +9,8 @@ from typing import Any
 
 import pyarrow as pa
 
-from pipelines.stage import Stage, with_errors
-from schemas.errors import RowError
+from qwen_batch.pipelines.stage import Stage, with_errors
+from qwen_batch.schemas.errors import RowError
 
 CHAT_ROLES = ("system", "user", "assistant")
 

@@ -23,10 +23,10 @@ import pyarrow.parquet as pq
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
-from pipelines import storage
-from pipelines.openai_batch import parse_request
-from schemas.errors import RowError, SpecError
-from schemas.spec import InputSpec
+from qwen_batch.pipelines import storage
+from qwen_batch.pipelines.openai_batch import parse_request
+from qwen_batch.schemas.errors import RowError, SpecError
+from qwen_batch.schemas.spec import InputSpec
 
 log = logging.getLogger(__name__)
 

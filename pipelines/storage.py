@@ -26,7 +26,7 @@ import fsspec
 from fsspec.core import split_protocol, url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
-from schemas.errors import SpecError
+from qwen_batch.schemas.errors import SpecError
 
 __all__ = [
     "RETRY_POLICY",

@@ -13,10 +13,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipelines import storage
-from pipelines.openai_batch import response_line
-from pipelines.stage import Stage
-from schemas.results import RESULT_SCHEMA, CommitRecord, Totals
+from qwen_batch.pipelines import storage
+from qwen_batch.pipelines.openai_batch import response_line
+from qwen_batch.pipelines.stage import Stage
+from qwen_batch.schemas.results import RESULT_SCHEMA, CommitRecord, Totals
 
 COMMITS_DIR = "_commits"
 OPENAI_DIR = "_openai"

@@ -14,7 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from schemas.errors import SpecError
+from qwen_batch.schemas.errors import SpecError
 
 
 class _Strict(BaseModel):

@@ -129,7 +129,7 @@ class WorkerConfig:
 
 def engine_env(cores: int) -> dict[str, str]:
     """The CPU engine settings qwen-batch gives its engine actors, plus the in-process engine core."""
-    from cluster.resources import cpu_engine_env
+    from qwen_batch.cluster.resources import cpu_engine_env
 
     env = cpu_engine_env(1, KV_CACHE_GIB)
     env["OMP_NUM_THREADS"] = str(cores)
@@ -200,8 +200,8 @@ def run_qwen_batch(config: WorkerConfig, started: float) -> dict[str, Any]:
     """qwen-batch end to end: a JSONL file in, Parquet with accounting, commit records and the manifest out."""
     import ray
 
-    from jobs.driver import run_job
-    from schemas.spec import load_spec
+    from qwen_batch.jobs.driver import run_job
+    from qwen_batch.schemas.spec import load_spec
 
     imported = time.monotonic()
     start_ray(config, config.cores)
@@ -834,7 +834,7 @@ def prepare(root: Path, rows: int) -> Path:
     checkpoint = root / "models" / "qwen-batch" / VARIANT
     if not (checkpoint / "config.json").exists():
         print(f"building the tiny model at {checkpoint}", flush=True)
-        subprocess.run([sys.executable, "-c", "import sys; from jobs.tiny_model import make_tiny_model; "
+        subprocess.run([sys.executable, "-c", "import sys; from qwen_batch.jobs.tiny_model import make_tiny_model; "
                         "make_tiny_model('qwen2', sys.argv[1])", str(checkpoint)], cwd=REPO, check=True)
     input_file = root / "input" / f"prompts-{rows}.jsonl"
     if not input_file.exists():
@@ -959,7 +959,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _versions() -> dict[str, str]:
-    from jobs.driver import versions
+    from qwen_batch.jobs.driver import versions
 
     return versions()
 

@@ -33,8 +33,8 @@ def private_caches(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
 @pytest.fixture(scope="session")
 def tiny_models(private_caches: None) -> dict[str, Path]:
     """The two tiny checkpoints, built where the catalog's `tiny-qwen2` / `tiny-qwen3` variants find them."""
-    from jobs.driver import model_dir
-    from jobs.tiny_model import make_tiny_model
+    from qwen_batch.jobs.driver import model_dir
+    from qwen_batch.jobs.tiny_model import make_tiny_model
 
     return {arch: make_tiny_model(arch, model_dir() / "qwen-batch" / f"tiny-{arch}") for arch in ("qwen2", "qwen3")}
 

@@ -22,12 +22,12 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from jobs.driver import claim_output, plan_job, run_job
-from pipelines import storage
-from pipelines.storage import RetryPolicy
-from schemas.catalog import get_variant
-from schemas.errors import SpecError
-from schemas.spec import load_spec
+from qwen_batch.jobs.driver import claim_output, plan_job, run_job
+from qwen_batch.pipelines import storage
+from qwen_batch.pipelines.storage import RetryPolicy
+from qwen_batch.schemas.catalog import get_variant
+from qwen_batch.schemas.errors import SpecError
+from qwen_batch.schemas.spec import load_spec
 
 REPO = Path(__file__).resolve().parent.parent
 SYSTEM = "Answer in one word."
@@ -285,7 +285,7 @@ def test_cli_validate_exits_2_with_the_problem_on_stderr(
     spec_file = parquet_input / "job.yaml"
     spec_file.write_text(spec_text or yaml.safe_dump(spec_of(parquet_input, input={"formt": "parquet"})))
 
-    done = subprocess.run([sys.executable, "-m", "jobs.cli", "validate", str(spec_file)], cwd=REPO,
+    done = subprocess.run([sys.executable, "-m", "qwen_batch.jobs.cli", "validate", str(spec_file)], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
 
     assert done.returncode == 2, done.stderr

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from schemas.catalog import CATALOG, ModelVariant, get_variant
-from schemas.errors import SpecError
+from qwen_batch.schemas.catalog import CATALOG, ModelVariant, get_variant
+from qwen_batch.schemas.errors import SpecError
 
 VARIANTS = list(CATALOG.values())
 ARCHITECTURE_FACTS = (

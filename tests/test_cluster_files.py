@@ -14,11 +14,11 @@ from typing import Any
 import pytest
 import yaml
 
-from cluster.render import render_command, render_configmap, render_rayjob, render_yaml, rayjob_name
-from cluster.resources import plan_replicas
-from schemas.catalog import get_variant
-from schemas.errors import SpecError
-from schemas.spec import JobSpec, load_spec
+from qwen_batch.cluster.render import render_command, render_configmap, render_rayjob, render_yaml, rayjob_name
+from qwen_batch.cluster.resources import plan_replicas
+from qwen_batch.schemas.catalog import get_variant
+from qwen_batch.schemas.errors import SpecError
+from qwen_batch.schemas.spec import JobSpec, load_spec
 
 CLUSTER = Path(__file__).resolve().parents[1] / "cluster"
 @pytest.fixture(autouse=True)

@@ -14,10 +14,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.driver import run_job
-from pipelines import storage
-from schemas.catalog import get_variant
-from schemas.spec import load_spec
+from qwen_batch.jobs.driver import run_job
+from qwen_batch.pipelines import storage
+from qwen_batch.schemas.catalog import get_variant
+from qwen_batch.schemas.spec import load_spec
 
 pytestmark = [pytest.mark.engine, pytest.mark.s3]
 

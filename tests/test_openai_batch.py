@@ -8,10 +8,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.driver import run_job
-from pipelines.openai_batch import parse_request, response_line
-from schemas.errors import RowError
-from schemas.spec import load_spec
+from qwen_batch.jobs.driver import run_job
+from qwen_batch.pipelines.openai_batch import parse_request, response_line
+from qwen_batch.schemas.errors import RowError
+from qwen_batch.schemas.spec import load_spec
 
 # The two request lines of OpenAI's Batch API guide ("Preparing your batch file"), verbatim.
 GUIDE_LINES = [

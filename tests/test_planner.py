@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from cluster.planner import (
+from qwen_batch.cluster.planner import (
     GPU_TYPES,
     embedding_params,
     estimate_run,
@@ -17,8 +17,8 @@ from cluster.planner import (
     plan_variant,
     weight_bytes,
 )
-from schemas.catalog import CATALOG
-from schemas.errors import SpecError
+from qwen_batch.schemas.catalog import CATALOG
+from qwen_batch.schemas.errors import SpecError
 
 GIB = 2**30
 H100 = GPU_TYPES["h100-80gb"]

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from jobs.progress import PROGRESS_SECONDS_ENV, Progress, progress_seconds
+from qwen_batch.jobs.progress import PROGRESS_SECONDS_ENV, Progress, progress_seconds
 
 CLEAR = "\r\x1b[K"
 
@@ -31,12 +31,12 @@ def shard(rows: int, rows_failed: int, completion_tokens: int, cost_usd: float) 
 
 @pytest.fixture
 def logged(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
-    caplog.set_level(logging.INFO, logger="jobs.progress")
+    caplog.set_level(logging.INFO, logger="qwen_batch.jobs.progress")
     return caplog
 
 
 def messages(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [record.getMessage() for record in caplog.records if record.name == "jobs.progress"]
+    return [record.getMessage() for record in caplog.records if record.name == "qwen_batch.jobs.progress"]
 
 
 def test_terminal_line_is_rewritten_in_place_and_cleared_at_the_end(logged: pytest.LogCaptureFixture):

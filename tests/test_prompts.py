@@ -15,11 +15,11 @@ import pyarrow.parquet as pq
 import pytest
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from jobs.tiny_model import make_tiny_model
-from pipelines.prompts import PromptConfig, PromptStage
-from pipelines.read import BLOCK_SCHEMA, ReadConfig, plan_shards, read_shard
-from pipelines.storage import list_files
-from schemas.spec import InputSpec
+from qwen_batch.jobs.tiny_model import make_tiny_model
+from qwen_batch.pipelines.prompts import PromptConfig, PromptStage
+from qwen_batch.pipelines.read import BLOCK_SCHEMA, ReadConfig, plan_shards, read_shard
+from qwen_batch.pipelines.storage import list_files
+from qwen_batch.schemas.spec import InputSpec
 
 SYSTEM = "You answer in one word."
 TEMPLATE = "Review: {review}\nProduct: {product}"

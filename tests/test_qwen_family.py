@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 from jsonschema import Draft202012Validator
 
-from jobs.driver import run_job
-from schemas.spec import load_spec
+from qwen_batch.jobs.driver import run_job
+from qwen_batch.schemas.spec import load_spec
 
 pytestmark = pytest.mark.engine
 

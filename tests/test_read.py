@@ -12,11 +12,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines import read
-from pipelines.read import BLOCK_SCHEMA, ReadConfig, Shard, plan_shards, read_shard
-from pipelines.storage import list_files
-from schemas.errors import SpecError
-from schemas.spec import InputSpec
+from qwen_batch.pipelines import read
+from qwen_batch.pipelines.read import BLOCK_SCHEMA, ReadConfig, Shard, plan_shards, read_shard
+from qwen_batch.pipelines.storage import list_files
+from qwen_batch.schemas.errors import SpecError
+from qwen_batch.schemas.spec import InputSpec
 
 ROWS_PER_SHARD = [1, 2, 7, 1000]
 

@@ -17,9 +17,9 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from jobs.driver import run_job
-from pipelines import storage
-from schemas.spec import load_spec
+from qwen_batch.jobs.driver import run_job
+from qwen_batch.pipelines import storage
+from qwen_batch.schemas.spec import load_spec
 
 pytestmark = [pytest.mark.engine, pytest.mark.s3]
 
@@ -93,7 +93,7 @@ def test_driver_killed_with_sigkill_then_rerun_resumes_without_recomputing(tmp_p
     spec_file = tmp_path / "spec.yaml"
     spec_file.write_text(yaml.safe_dump(make_job(str(tmp_path), output)))
     address = ray.get_runtime_context().gcs_address
-    driver = subprocess.Popen([sys.executable, "-m", "jobs.cli", "run", str(spec_file), "--address", address],
+    driver = subprocess.Popen([sys.executable, "-m", "qwen_batch.jobs.cli", "run", str(spec_file), "--address", address],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         wait_for(lambda: len(commits(output)) >= 3, 180, "the first committed shards")
@@ -136,7 +136,7 @@ def test_rerun_of_a_finished_job_recomputes_nothing(tmp_path, ray_local):
 
 
 def test_different_spec_on_the_same_output_is_refused_unless_overwrite(tmp_path, ray_local):
-    from schemas.errors import SpecError
+    from qwen_batch.schemas.errors import SpecError
 
     output = str(tmp_path / "out")
     job = make_job(str(tmp_path), output)

@@ -22,13 +22,13 @@ import pytest
 from PIL import Image
 from s3server import S3Server
 
-from jobs.cli import main
-from jobs.driver import MANIFEST_FILE, RUNS_DIR, versions
-from jobs.report import COLORS, REPORT_FILE, build_report, throughput, write_report
-from pipelines import storage
-from pipelines.write import Layout
-from schemas.catalog import get_variant
-from schemas.results import RESULT_SCHEMA, CommitRecord, JobManifest, RunRecord, Totals
+from qwen_batch.jobs.cli import main
+from qwen_batch.jobs.driver import MANIFEST_FILE, RUNS_DIR, versions
+from qwen_batch.jobs.report import COLORS, REPORT_FILE, build_report, throughput, write_report
+from qwen_batch.pipelines import storage
+from qwen_batch.pipelines.write import Layout
+from qwen_batch.schemas.catalog import get_variant
+from qwen_batch.schemas.results import RESULT_SCHEMA, CommitRecord, JobManifest, RunRecord, Totals
 
 VARIANTS = ("qwen2.5-7b-instruct", "qwen3-8b")
 ERROR_TYPES = {"prompt_too_long": "prompt is {n} tokens; the model takes at most 32768 minus max_tokens 512",

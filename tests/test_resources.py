@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from cluster.resources import ENGINE_MAX_RESTARTS, plan_replicas
-from schemas.catalog import get_variant
-from schemas.errors import SpecError
-from schemas.spec import load_spec
+from qwen_batch.cluster.resources import ENGINE_MAX_RESTARTS, plan_replicas
+from qwen_batch.schemas.catalog import get_variant
+from qwen_batch.schemas.errors import SpecError
+from qwen_batch.schemas.spec import load_spec
 
 BASE = {"name": "j", "input": {"path": "x", "format": "jsonl"}, "prompt": {"template": "{t}"},
         "output": {"path": "y"}}

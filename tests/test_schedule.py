@@ -13,10 +13,10 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from jobs import submit
-from jobs.cli import main
-from schemas.errors import SpecError
-from schemas.spec import LOGICAL_DATE_ENV, load_spec, parse_logical_date
+from qwen_batch.jobs import submit
+from qwen_batch.jobs.cli import main
+from qwen_batch.schemas.errors import SpecError
+from qwen_batch.schemas.spec import LOGICAL_DATE_ENV, load_spec, parse_logical_date
 
 NIGHT = datetime(2026, 11, 28, tzinfo=timezone.utc)
 
@@ -183,7 +183,7 @@ def test_submit_passes_the_logical_date_to_run_on_the_cluster(tmp_path: Path, mo
     job = write_dated_job(tmp_path, [])
     monkeypatch.setenv(LOGICAL_DATE_ENV, "2026-11-28T02:00:00Z")  # the cluster does not see this machine's env
     assert submit.submit_job(str(job), "http://head:8265", extra_args=["--overwrite"]) == "raysubmit_1"
-    assert submitted["entrypoint"] == ("python -m jobs.cli run job.yaml --logical-date 2026-11-28T02:00:00+00:00 "
+    assert submitted["entrypoint"] == ("python -m qwen_batch.jobs.cli run job.yaml --logical-date 2026-11-28T02:00:00+00:00 "
                                        "--overwrite")
     assert submitted["metadata"] == {"qwen_batch_job": "events-20261128"}
 
@@ -192,9 +192,9 @@ def test_submit_passes_the_logical_date_to_run_on_the_cluster(tmp_path: Path, mo
 @pytest.mark.s3
 def test_a_rerun_of_a_slot_resumes_and_a_new_slot_writes_its_own_path(tmp_path: Path, ray_local, tiny_models,
                                                                        caplog: pytest.LogCaptureFixture):
-    from jobs.driver import run_job
+    from qwen_batch.jobs.driver import run_job
 
-    caplog.set_level(logging.INFO, logger="jobs.progress")
+    caplog.set_level(logging.INFO, logger="qwen_batch.jobs.progress")
     job = write_dated_job(tmp_path, ["2026-11-27", "2026-11-28"])
     first_night, second_night = parse_logical_date("2026-11-27"), parse_logical_date("2026-11-28")
 

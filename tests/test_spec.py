@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from schemas.errors import SpecError
-from schemas.spec import JobSpec, load_spec, template_columns
+from qwen_batch.schemas.errors import SpecError
+from qwen_batch.schemas.spec import JobSpec, load_spec, template_columns
 
 SPEC: dict[str, Any] = {
     "name": "reviews-2024.v1",

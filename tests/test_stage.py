@@ -5,11 +5,11 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 
-from pipelines.engine import EngineStage
-from pipelines.prompts import PromptStage
-from pipelines.read import BLOCK_SCHEMA
-from pipelines.stage import Stage, check_wiring
-from pipelines.write import WriteStage
+from qwen_batch.pipelines.engine import EngineStage
+from qwen_batch.pipelines.prompts import PromptStage
+from qwen_batch.pipelines.read import BLOCK_SCHEMA
+from qwen_batch.pipelines.stage import Stage, check_wiring
+from qwen_batch.pipelines.write import WriteStage
 
 SOURCE = [*BLOCK_SCHEMA.names, "stars"]
 

@@ -12,9 +12,9 @@ import boto3
 import pytest
 from s3server import S3Server
 
-from pipelines import storage
-from pipelines.storage import FileInfo, RetryPolicy
-from schemas.errors import SpecError
+from qwen_batch.pipelines import storage
+from qwen_batch.pipelines.storage import FileInfo, RetryPolicy
+from qwen_batch.schemas.errors import SpecError
 
 NO_BOTOCORE_RETRIES = {"config_kwargs": {"retries": {"total_max_attempts": 1}}}
 

@@ -23,9 +23,9 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from jobs.cli import main
-from jobs.submit import _client, _runtime_env, job_logs, job_status, submit_job, wait_job
-from schemas.errors import SpecError
+from qwen_batch.jobs.cli import main
+from qwen_batch.jobs.submit import _client, _runtime_env, job_logs, job_status, submit_job, wait_job
+from qwen_batch.schemas.errors import SpecError
 
 VENV_BIN = Path(sys.executable).parent
 JOB_TIMEOUT_S = 300
@@ -190,15 +190,16 @@ def test_jobs_api_names_the_token_sources_when_no_token_is_found(cluster: Cluste
 def test_submit_ships_the_project_packages_as_py_modules(cluster: Cluster, tmp_path: Path) -> None:
     """The job imports our packages from the uploaded copies, not from an install on the cluster."""
     (tmp_path / "job.yaml").write_text("{}")
+    (tmp_path / "staged").mkdir()
     client = _client(cluster.address)
     submission_id = client.submit_job(
-        entrypoint="python -c 'import jobs, pipelines, cluster, schemas; "
+        entrypoint="python -c 'from qwen_batch import jobs, pipelines, cluster, schemas; "
                    "print(*(m.__path__[0] for m in (jobs, pipelines, cluster, schemas)), sep=chr(10))'",
-        runtime_env=_runtime_env(str(tmp_path)))
+        runtime_env=_runtime_env(str(tmp_path / "staged"), str(tmp_path / "job.yaml")))
     assert wait_job(cluster.address, submission_id, timeout_s=120, poll_s=0.5) == "SUCCEEDED"
     logs = client.get_job_logs(submission_id)
     for package in ("jobs", "pipelines", "cluster", "schemas"):
-        assert re.search(rf"^/.*/runtime_resources/py_modules_files/_ray_pkg_[0-9a-f]+/{package}$", logs,
+        assert re.search(rf"^/.*/runtime_resources/py_modules_files/_ray_pkg_[0-9a-f]+/qwen_batch/{package}$", logs,
                          re.MULTILINE), logs
 
 

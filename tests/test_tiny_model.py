@@ -15,7 +15,7 @@ import pytest
 import tiktoken
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
-from jobs.tiny_model import QWEN_PRETOKENIZE_REGEX, make_tiny_model
+from qwen_batch.jobs.tiny_model import QWEN_PRETOKENIZE_REGEX, make_tiny_model
 
 MIXED_TEXTS = [
     "Héllo wörld, naïve café — 日本語のテキスト、中文测试。",

@@ -9,10 +9,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.engine import EngineStage
-from pipelines.read import BLOCK_SCHEMA
-from pipelines.write import COMMITS_DIR, Layout, WriteConfig, WriteStage, read_commit, results_table
-from schemas.results import RESULT_SCHEMA, Totals
+from qwen_batch.pipelines.engine import EngineStage
+from qwen_batch.pipelines.read import BLOCK_SCHEMA
+from qwen_batch.pipelines.write import COMMITS_DIR, Layout, WriteConfig, WriteStage, read_commit, results_table
+from qwen_batch.schemas.results import RESULT_SCHEMA, Totals
 
 SHARD = "0123456789abcdef0123"
 VARIANT = "tiny-qwen2"
