@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import ray
-from ray.data import ActorPoolStrategy, DataContext, Dataset
+from ray.data import ActorPoolStrategy, Dataset
 
 from qwen_batch.cluster.resources import ReplicaPlan
 from qwen_batch.pipelines.engine import EngineConfig, EngineStage
@@ -16,9 +16,9 @@ from qwen_batch.pipelines.write import WriteConfig, WriteStage
 READ_CPUS = 0.25
 PROMPT_CPUS = 0.5
 WRITE_CPUS = 0.25
-# Blocks are whole shards; never let Ray split one.
-MAX_BLOCK_BYTES = 1 << 30
-MAX_READ_TASKS = 1000
+# Blocks are whole shards: Ray slices a block only past 1.5x this target, and planning keeps every shard far below it
+# (pipelines.read.MAX_SHARD_BYTES).
+MAX_BLOCK_BYTES = 4 << 30
 
 
 def build_dataset(
@@ -32,12 +32,11 @@ def build_dataset(
 ) -> Dataset:
     """A lazy dataset whose rows are one summary per committed shard; iterating it runs the job."""
     check_wiring([*BLOCK_SCHEMA.names, *read.carry_columns], [PromptStage, EngineStage, WriteStage])
-    context = DataContext.get_current()
-    context.target_max_block_size = MAX_BLOCK_BYTES
-    context.enable_progress_bars = False
-    dataset = ray.data.read_datasource(
-        ShardDatasource(shards, read), override_num_blocks=min(len(shards), MAX_READ_TASKS), num_cpus=READ_CPUS
-    )
+    dataset = ray.data.read_datasource(ShardDatasource(shards, read), override_num_blocks=len(shards),
+                                       num_cpus=READ_CPUS)
+    # The dataset's own copy of the DataContext: every later stage inherits it, the process-wide one is untouched.
+    dataset.context.target_max_block_size = MAX_BLOCK_BYTES
+    dataset.context.enable_progress_bars = False
     dataset = dataset.map_batches(
         PromptStage, fn_constructor_args=(prompt,), batch_size=None, batch_format="pyarrow", concurrency=1,
         num_cpus=PROMPT_CPUS,

@@ -31,11 +31,15 @@ from qwen_batch.schemas.spec import InputSpec
 log = logging.getLogger(__name__)
 
 SCAN_CHUNK_BYTES = 16 << 20
+# A shard travels as one Arrow block, which Ray slices when it is far over its target size: a shard must stay well
+# below the block size the pipeline sets (pipelines.pipeline.MAX_BLOCK_BYTES).
+MAX_SHARD_BYTES = 512 << 20
 
 # Columns every block carries besides the carried input columns.
 BLOCK_SCHEMA = pa.schema(
     [
         ("_shard", pa.string()),
+        ("_shard_rows", pa.int64()),
         ("id", pa.string()),
         ("source_file", pa.string()),
         ("source_row", pa.int64()),
@@ -59,6 +63,7 @@ class Shard:
     byte_start: int
     byte_end: int
     header_end: int = 0
+    input_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -90,7 +95,9 @@ def plan_shards(spec: InputSpec, files: list[storage.FileInfo]) -> tuple[list[Sh
     bad_files: list[str] = []
     for info in files:
         try:
-            shards.extend(_plan_file(spec, info))
+            planned = list(_plan_file(spec, info))
+            _check_shard_sizes(spec, info, planned)
+            shards.extend(planned)
         except (OSError, pa.ArrowException, ValueError) as exc:
             if isinstance(exc, SpecError) or spec.on_bad_file == "fail":
                 raise SpecError(
@@ -102,14 +109,31 @@ def plan_shards(spec: InputSpec, files: list[storage.FileInfo]) -> tuple[list[Sh
     return shards, bad_files
 
 
+def _check_shard_sizes(spec: InputSpec, info: storage.FileInfo, shards: list[Shard]) -> None:
+    """Refuse a file whose shards would not fit in one Ray block, naming a rows_per_shard that would."""
+    largest = max(shards, key=lambda s: s.input_bytes, default=None)
+    if largest is None or largest.input_bytes <= MAX_SHARD_BYTES:
+        return
+    per_row = largest.input_bytes / largest.row_count
+    fits = max(1, int(MAX_SHARD_BYTES / per_row))
+    raise SpecError(
+        f"input file {info.url}: rows {largest.row_start}-{largest.row_start + largest.row_count - 1} make a shard "
+        f"of {largest.input_bytes / (1 << 20):.0f} MiB, over the {MAX_SHARD_BYTES >> 20} MiB a shard may hold (it "
+        f"travels as one Ray block). Set input.rows_per_shard to {fits} or less (today {spec.rows_per_shard})."
+    )
+
+
 def _plan_file(spec: InputSpec, info: storage.FileInfo) -> Iterator[Shard]:
     per_shard = spec.rows_per_shard
     if spec.format == "parquet":
-        rows = storage.read_file(info.url, lambda handle: pq.ParquetFile(handle).metadata.num_rows,
-                                 spec.storage_options)
+        metadata = storage.read_file(info.url, lambda handle: pq.ParquetFile(handle).metadata, spec.storage_options)
+        rows = metadata.num_rows
+        # Uncompressed bytes per row, the size a shard's columns take once decoded.
+        per_row = sum(metadata.row_group(i).total_byte_size for i in range(metadata.num_row_groups)) / max(rows, 1)
         for start in range(0, rows, per_shard):
             count = min(per_shard, rows - start)
-            yield Shard(shard_id(info.relpath, info.size, start, count), info.url, info.relpath, start, count, 0, 0)
+            yield Shard(shard_id(info.relpath, info.size, start, count), info.url, info.relpath, start, count, 0, 0,
+                        input_bytes=int(per_row * count))
         return
     header_end = _csv_header_end(info, spec.storage_options) if spec.format == "csv" else 0
     chunks = _chunks(info, spec.storage_options, header_end)
@@ -117,7 +141,7 @@ def _plan_file(spec: InputSpec, info: storage.FileInfo) -> Iterator[Shard]:
     for rows_so_far, byte_end in _record_boundaries(chunks, header_end, per_shard, quoted=spec.format == "csv"):
         count = rows_so_far - row_start
         yield Shard(shard_id(info.relpath, info.size, row_start, count), info.url, info.relpath, row_start, count,
-                    byte_start, byte_end, header_end)
+                    byte_start, byte_end, header_end, input_bytes=byte_end - byte_start)
         row_start, byte_start = rows_so_far, byte_end
 
 
@@ -181,30 +205,29 @@ def input_columns(spec: InputSpec, info: storage.FileInfo) -> list[str] | None:
 
 
 class ShardDatasource(Datasource):
-    """Ray Data source that yields exactly one block per shard, in plan order within each read task."""
+    """Ray Data source with one read task per shard, whatever parallelism Ray asks for.
+
+    A read task's output blocks are coalesced by Ray up to its target block size, so a task that yielded several
+    shards could hand them downstream as one block; one shard per task cannot be merged with another.
+    """
 
     def __init__(self, shards: list[Shard], config: ReadConfig):
         self._shards = shards
         self._config = config
 
     def estimate_inmemory_data_size(self) -> int | None:
-        return None
+        return sum(s.input_bytes for s in self._shards) or None
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
                        data_context: Any = None) -> list[ReadTask]:
-        groups = max(1, min(parallelism, len(self._shards)))
-        tasks = []
-        for index in range(groups):
-            group = self._shards[index::groups]
-            metadata = BlockMetadata(num_rows=sum(s.row_count for s in group), size_bytes=None, exec_stats=None,
-                                     input_files=sorted({s.file for s in group}))
-            tasks.append(ReadTask(partial(_read_group, group, self._config), metadata))
-        return tasks
+        return [ReadTask(partial(_read_one, shard, self._config),
+                         BlockMetadata(num_rows=shard.row_count, size_bytes=shard.input_bytes or None,
+                                       exec_stats=None, input_files=[shard.file]))
+                for shard in self._shards]
 
 
-def _read_group(shards: list[Shard], config: ReadConfig) -> Iterator[pa.Table]:
-    for shard in shards:
-        yield read_shard(shard, config)
+def _read_one(shard: Shard, config: ReadConfig) -> Iterator[pa.Table]:
+    yield read_shard(shard, config)
 
 
 def read_shard(shard: Shard, config: ReadConfig) -> pa.Table:
@@ -366,6 +389,7 @@ def _to_block(shard: Shard, rows: list[dict[str, Any]], config: ReadConfig) -> p
     count = len(rows)
     columns: dict[str, pa.Array] = {
         "_shard": pa.array([shard.shard_id] * count, pa.string()),
+        "_shard_rows": pa.array([shard.row_count] * count, pa.int64()),
         "id": pa.array([r["id"] for r in rows], pa.string()),
         "source_file": pa.array([shard.file] * count, pa.string()),
         "source_row": pa.array([r["source_row"] for r in rows], pa.int64()),

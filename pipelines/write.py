@@ -66,6 +66,7 @@ class WriteStage(Stage):
 
     requires = {
         "_shard": "id of the shard the row belongs to",
+        "_shard_rows": "rows the shard was planned with, to refuse a partial one",
         "id": "row id",
         "source_file": "input file",
         "source_row": "row position in the input file",
@@ -92,18 +93,24 @@ class WriteStage(Stage):
 
     def __call__(self, block: pa.Table) -> pa.Table:
         self.check(block)
-        shard_ids = pc.unique(block.column("_shard")).to_pylist()
-        if len(shard_ids) != 1:
-            raise RuntimeError(f"a write batch must hold exactly one shard, found {len(shard_ids)}: the shard blocks "
-                               "were split or merged; lower input.rows_per_shard")
-        shard = shard_ids[0]
+        # Ray may hand several whole shards over as one block; each is written and committed on its own.
+        return _summary_table([self.commit_shard(block.filter(pc.equal(block.column("_shard"), shard)))
+                               for shard in pc.unique(block.column("_shard")).to_pylist()])
+
+    def commit_shard(self, rows: pa.Table) -> tuple[str, bool, Totals]:
+        """Write one shard's rows and commit them; refuse a partial shard rather than commit it."""
+        shard, expected = rows.column("_shard")[0].as_py(), rows.column("_shard_rows")[0].as_py()
+        if rows.num_rows != expected:
+            raise RuntimeError(f"shard {shard} reached the write stage with {rows.num_rows} of its {expected} rows: "
+                               "Ray split its block, and a partial shard is never committed. Lower "
+                               "input.rows_per_shard so each shard stays well below Ray's block size.")
         config = self.config
-        source_file, row_start = block.column("source_file")[0].as_py(), int(pc.min(block.column("source_row")).as_py())
-        table = results_table(block.filter(pc.invert(block.column("_skip"))), config)
+        source_file, row_start = rows.column("source_file")[0].as_py(), int(pc.min(rows.column("source_row")).as_py())
+        table = results_table(rows.filter(pc.invert(rows.column("_skip"))), config)
         commit_url = config.layout.commit_url(config.variant, shard)
         if storage.exists(commit_url, config.storage_options):
             # A retry of a shard that is already committed: its file is final, never rewrite it.
-            return _summary(shard, False, Totals.of_table(table, engine_seconds=0.0))
+            return shard, False, Totals.of_table(table, engine_seconds=0.0)
         data_file = None
         if table.num_rows:
             buffer = io.BytesIO()
@@ -116,21 +123,25 @@ class WriteStage(Stage):
                                 for row in table.to_pylist())
                 storage.write_bytes(config.layout.openai_file(config.variant, shard), lines.encode(),
                                     config.storage_options)
-        totals = Totals.of_table(table, engine_seconds=float(block.column("_engine_seconds")[0].as_py()))
+        totals = Totals.of_table(table, engine_seconds=float(pc.max(rows.column("_engine_seconds")).as_py()))
         record = CommitRecord(
             shard_id=shard, variant=config.variant, data_file=data_file, source_file=source_file, row_start=row_start,
             row_count=table.num_rows, run_id=config.run_id,
             committed_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), totals=totals,
         )
         committed = storage.create_only(commit_url, record.model_dump_json().encode(), config.storage_options)
-        return _summary(shard, committed, totals)
+        return shard, committed, totals
 
 
-def _summary(shard: str, committed: bool, totals: Totals) -> pa.Table:
-    """The one-row result the driver follows progress with."""
+def _summary_table(shards: list[tuple[str, bool, Totals]]) -> pa.Table:
+    """One row per shard (id, committed now, totals): what the driver follows progress with."""
     return pa.table({
-        "shard_id": [shard], "committed": [committed], "rows": [totals.rows], "rows_failed": [totals.rows_failed],
-        "completion_tokens": [totals.completion_tokens], "cost_usd": [totals.cost_usd],
+        "shard_id": pa.array([s for s, _, _ in shards], pa.string()),
+        "committed": pa.array([c for _, c, _ in shards], pa.bool_()),
+        "rows": pa.array([t.rows for _, _, t in shards], pa.int64()),
+        "rows_failed": pa.array([t.rows_failed for _, _, t in shards], pa.int64()),
+        "completion_tokens": pa.array([t.completion_tokens for _, _, t in shards], pa.int64()),
+        "cost_usd": pa.array([t.cost_usd for _, _, t in shards], pa.float64()),
     })
 
 

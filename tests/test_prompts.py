@@ -74,6 +74,7 @@ def hand_block(prompts: list[dict[str, Any] | None], errors: dict[int, tuple[str
     count = len(prompts)
     columns = {
         "_shard": ["shard-0"] * count,
+        "_shard_rows": [count] * count,
         "id": [f"in.jsonl:{i}" for i in range(count)],
         "source_file": ["/data/in.jsonl"] * count,
         "source_row": list(range(count)),

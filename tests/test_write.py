@@ -42,6 +42,7 @@ def engine_block(rows: list[dict[str, Any]] = ROWS, shard: str = SHARD, first_ro
     count = len(rows)
     columns: dict[str, Any] = {
         "_shard": [shard] * count,
+        "_shard_rows": [count] * count,
         "id": [f"in.jsonl:{first_row + i}" for i in range(count)],
         "source_file": ["/data/in.jsonl"] * count,
         "source_row": [first_row + i for i in range(count)],
@@ -192,11 +193,26 @@ def test_an_uncommitted_torn_data_file_is_overwritten(tmp_path: Path) -> None:
     assert [p.name for p in data_file.parent.iterdir()] == [data_file.name]
 
 
-def test_a_block_holding_two_shards_is_refused(tmp_path: Path) -> None:
-    block = pa.concat_tables([engine_block(ROWS[:2]), engine_block(ROWS[2:], shard="another-shard", first_row=0)])
+def test_a_block_holding_two_whole_shards_commits_each(tmp_path: Path) -> None:
+    first, second = engine_block(ROWS[:2]), engine_block(ROWS[2:], shard="another-shard", first_row=0)
 
-    with pytest.raises(RuntimeError, match="must hold exactly one shard, found 2"):
-        WriteStage(write_config(tmp_path / "out"))(block)
+    summary = WriteStage(write_config(tmp_path / "out"))(pa.concat_tables([first, second]))
+
+    assert summary.column("shard_id").to_pylist() == [SHARD, "another-shard"]
+    assert summary.column("committed").to_pylist() == [True, True]
+    assert summary.column("rows").to_pylist() == [2, 3]
+    for shard, block in ((SHARD, first), ("another-shard", second)):
+        written = pq.read_table(tmp_path / "out" / VARIANT / f"part-{shard}.parquet")
+        assert written.equals(results_table(block, write_config(tmp_path / "out")))
+        assert read_commit((tmp_path / "out" / COMMITS_DIR / VARIANT / f"{shard}.json").read_bytes()).row_count == \
+            block.num_rows
+
+
+def test_a_partial_shard_is_refused_and_nothing_is_written(tmp_path: Path) -> None:
+    whole = engine_block()
+
+    with pytest.raises(RuntimeError, match=f"shard {SHARD} reached the write stage with 3 of its 5 rows"):
+        WriteStage(write_config(tmp_path / "out"))(whole.slice(0, 3))
     assert not (tmp_path / "out").exists()
 
 
