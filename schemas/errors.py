@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 
-class SpecError(ValueError):
+class SpecError(Exception):
     """The job cannot start: a bad spec, missing input, unknown variant, unreachable storage.
 
     Carries every problem found, one per line, each naming the field or file, what was found and what to do.
