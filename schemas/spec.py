@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import os
@@ -9,11 +10,12 @@ import re
 import string
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from qwen_batch.schemas.catalog import CATALOG, _closest_hint
 from qwen_batch.schemas.errors import SpecError
 
 
@@ -149,6 +151,16 @@ class ModelSpec(_Strict):
         None, ge=1, description="Most reasoning tokens per row with thinking on; the engine then closes the "
         "`<think>` block and the answer gets the rest of `max_tokens`."
     )
+
+    @field_validator("variant", "like")
+    @classmethod
+    def _in_catalog(cls, name: str | None, info: ValidationInfo) -> str | None:
+        if name is not None and name not in CATALOG:
+            checkpoint = ("; to run a local checkpoint, give `path:` (with `like:` a catalog name) instead"
+                          if info.field_name == "variant" else "")
+            raise ValueError(f"it is not in the catalog.{_closest_hint(name)} `qwen-batch models` lists them "
+                             f"all{checkpoint}")
+        return name
 
     @model_validator(mode="after")
     def _one_model(self) -> ModelSpec:
@@ -484,7 +496,12 @@ def _describe(error: dict[str, Any]) -> str:
     """One pydantic error as `field.path: found X; expected Y`."""
     where = ".".join(str(part) for part in error["loc"]) or "spec"
     if error["type"] == "extra_forbidden":
-        return f"{where}: unknown field; remove it or check its spelling against the spec reference in README.md"
+        section = _model_in(_spec_type_at(error["loc"][:-1]))
+        fields = list(section.model_fields) if section else []
+        close = difflib.get_close_matches(str(error["loc"][-1]), fields, n=1)
+        expected = f"did you mean `{close[0]}`? Else" if close else f"the fields here are {', '.join(fields)};"
+        return (f"{where}: unknown field; {expected} remove it or check its spelling against the spec reference in "
+                "README.md")
     if error["type"] == "missing":
         return f"{where}: required field is missing"
     found = error.get("input")
@@ -494,4 +511,35 @@ def _describe(error: dict[str, Any]) -> str:
         shown = f"a list of {len(found)} item(s)"
     else:
         shown = repr(found)
-    return f"{where}: found {shown}; {error['msg'].removeprefix('Value error, ')}"
+    message = f"{where}: found {shown}; {error['msg'].removeprefix('Value error, ')}"
+    if error["type"] == "literal_error" and isinstance(found, str):
+        allowed = [part for part in _type_parts(_spec_type_at(error["loc"])) if isinstance(part, str)]
+        close = difflib.get_close_matches(found, allowed, n=1)
+        if close:
+            message += f"; did you mean {close[0]!r}?"
+    return message
+
+
+def _spec_type_at(loc: tuple[str | int, ...]) -> Any:
+    """The declared type of the spec field at `loc`, a pydantic error location; None if JobSpec has no such field."""
+    annotation: Any = JobSpec
+    for part in loc:
+        model = _model_in(annotation)
+        if model is None:
+            break  # inside a plain field: the tag of a union member, e.g. "literal['auto']"
+        if isinstance(part, str):
+            if part not in model.model_fields:
+                return None
+            annotation = model.model_fields[part].annotation
+    return annotation
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The spec section an annotation holds (`ModelSpec` in `list[ModelSpec] | None`), or None."""
+    return next((part for part in _type_parts(annotation) if isinstance(part, type) and issubclass(part, BaseModel)),
+                None)
+
+
+def _type_parts(annotation: Any) -> list[Any]:
+    """`annotation` and everything nested in it: union members, item types, Literal values."""
+    return [annotation, *(part for arg in get_args(annotation) for part in _type_parts(arg))]
