@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
+import difflib
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from statistics import fmean
+from typing import Any
 
-from qwen_batch.cluster.planner import GPU_TYPES, estimate_run, plan_variant
+from qwen_batch.cluster.planner import GPU_TYPES, GpuType, RunEstimate, VariantPlan, estimate_run, plan_variant
 from qwen_batch.jobs.driver import JobPlan, ModelPlan, model_dir, plan_job, stage_configs
 from qwen_batch.pipelines.prompts import PromptStage
 from qwen_batch.pipelines.read import read_shard
@@ -16,32 +18,78 @@ from qwen_batch.schemas.spec import JobSpec
 SAMPLE_ROWS = 512
 
 
-def estimate_job(spec: JobSpec, gpu_type: str, gpus: int) -> str:
-    """A plan and estimate for the job's variant on `gpus` GPUs of `gpu_type`, as printable text."""
+@dataclass(frozen=True)
+class ModelEstimate:
+    """One model of the job: how it sits on the GPUs, the prompts it was estimated from, and its roofline run."""
+
+    name: str
+    shards_to_run: int
+    gpu_plan: VariantPlan
+    prompt_tokens_per_row: float  # mean over the sample
+    rows_sampled: int
+    tokenized_with: str  # which tokenizer counted the sample, and why
+    max_tokens: int  # output tokens per row the run is estimated at
+    run: RunEstimate
+
+
+@dataclass(frozen=True)
+class JobEstimate:
+    """`qwen-batch plan`'s answer: every model of the job on `gpus` GPUs of one type."""
+
+    job_id: str
+    rows: int
+    shards: int
+    gpu: GpuType
+    gpus: int
+    models: list[ModelEstimate]
+
+    def text(self) -> str:
+        """The estimate for people, a few lines per model."""
+        lines = [f"job {self.job_id}: {self.rows:,} rows in {self.shards:,} shards"]
+        for model in self.models:
+            plan, run = model.gpu_plan, model.run
+            lines += [
+                f"{model.name}: {model.shards_to_run:,} shards to run",
+                plan.summary(),
+                f"prompt tokens: {model.prompt_tokens_per_row:.1f} per row over a sample of {model.rows_sampled} rows "
+                f"({model.tokenized_with}); output tokens: at most {model.max_tokens} per row",
+                f"estimate (roofline, output at max_tokens): {run.output_tokens_per_s:,.0f} output tok/s over "
+                f"{plan.replicas} replica(s), {run.hours:.2f} h wall, {run.gpu_hours:.2f} GPU-hours",
+                f"cost: ${run.compute_cost_usd:,.2f} compute at ${self.gpu.usd_per_hour}/GPU-hour vs "
+                f"${run.list_price_cost_usd:,.2f} at {plan.variant.name} list prices",
+            ]
+        return "\n".join(lines)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Every field, for `plan --json`; a GPU plan's catalog variant is given by its name."""
+        document = asdict(self)
+        for model, shown in zip(self.models, document["models"]):
+            shown["gpu_plan"]["variant"] = model.gpu_plan.variant.name
+        return document
+
+
+def estimate_job(spec: JobSpec, gpu_type: str, gpus: int) -> JobEstimate:
+    """Plan and estimate every model of the job on `gpus` GPUs of `gpu_type`."""
     gpu = GPU_TYPES.get(gpu_type)
     if gpu is None:
-        raise SpecError(f"--gpu-type: found {gpu_type!r}; expected one of {sorted(GPU_TYPES)}")
+        close = difflib.get_close_matches(gpu_type, GPU_TYPES, n=1)
+        raise SpecError(f"--gpu-type: found {gpu_type!r}; expected one of {', '.join(GPU_TYPES)}"
+                        + (f"; did you mean {close[0]!r}?" if close else ""))
     plan = plan_job(spec)
-    lines = [f"job {plan.job_id}: {plan.rows:,} rows in {len(plan.shards):,} shards"]
     explicit = spec.resources.tensor_parallel_size
+    models = []
     for model in plan.models:
-        tokenizer, note = sample_tokenizer(model)
+        tokenizer, tokenized_with = sample_tokenizer(model)
         prompt_tokens = sample_prompt_tokens(plan, model, tokenizer)
         mean_prompt = fmean(prompt_tokens) if prompt_tokens else 0.0
-        variant_plan = plan_variant(model.variant, gpu, gpus, model.max_model_len, spec.engine.gpu_memory_utilization,
-                                    tensor_parallel_size=None if explicit == "auto" else explicit)
-        run = estimate_run(variant_plan, gpu, plan.rows, mean_prompt, spec.sampling.max_tokens)
-        lines += [
-            f"{model.name}: {len(plan.todo(model)):,} shards to run",
-            variant_plan.summary(),
-            f"prompt tokens: {mean_prompt:.1f} per row over a sample of {len(prompt_tokens)} rows ({note}); output "
-            f"tokens: at most {spec.sampling.max_tokens} per row",
-            f"estimate (roofline, output at max_tokens): {run.output_tokens_per_s:,.0f} output tok/s over "
-            f"{variant_plan.replicas} replica(s), {run.hours:.2f} h wall, {run.gpu_hours:.2f} GPU-hours",
-            f"cost: ${run.compute_cost_usd:,.2f} compute at ${gpu.usd_per_hour}/GPU-hour vs "
-            f"${run.list_price_cost_usd:,.2f} at {model.variant.name} list prices",
-        ]
-    return "\n".join(lines)
+        gpu_plan = plan_variant(model.variant, gpu, gpus, model.max_model_len, spec.engine.gpu_memory_utilization,
+                                tensor_parallel_size=None if explicit == "auto" else explicit)
+        models.append(ModelEstimate(
+            name=model.name, shards_to_run=len(plan.todo(model)), gpu_plan=gpu_plan,
+            prompt_tokens_per_row=mean_prompt, rows_sampled=len(prompt_tokens), tokenized_with=tokenized_with,
+            max_tokens=spec.sampling.max_tokens,
+            run=estimate_run(gpu_plan, gpu, plan.rows, mean_prompt, spec.sampling.max_tokens)))
+    return JobEstimate(job_id=plan.job_id, rows=plan.rows, shards=len(plan.shards), gpu=gpu, gpus=gpus, models=models)
 
 
 def sample_tokenizer(model: ModelPlan) -> tuple[str, str]:

@@ -11,22 +11,26 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import logging
 import os
 import shlex
 import shutil
 import tempfile
 import time
 from collections.abc import Iterator
-from datetime import datetime
+from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qwen_batch.schemas.errors import SpecError
 
 if TYPE_CHECKING:
-    from ray.job_submission import JobSubmissionClient
+    from ray.job_submission import JobDetails, JobSubmissionClient
 
-__all__ = ["job_logs", "job_status", "stop_job", "submit_job", "wait_job"]
+__all__ = ["SubmittedJob", "job_info", "job_logs", "job_status", "list_jobs", "stop_job", "submit_job", "wait_job"]
+
+log = logging.getLogger(__name__)
 
 NAMESPACE = "qwen_batch"
 PROJECT_PACKAGES = ("jobs", "pipelines", "cluster", "schemas")
@@ -35,8 +39,34 @@ METADATA_KEY = "qwen_batch_job"
 TERMINAL_STATUSES = frozenset({"SUCCEEDED", "FAILED", "STOPPED"})
 
 
+@dataclass(frozen=True)
+class SubmittedJob:
+    """A job on the cluster, as the Jobs API reports it."""
+
+    submission_id: str
+    name: str | None  # the spec's name, from the metadata `submit_job` sets; None for jobs submitted otherwise
+    status: str  # PENDING, RUNNING, STOPPED, SUCCEEDED or FAILED
+    message: str | None  # Ray's account of the status, e.g. why it failed
+    start_time: str | None  # ISO 8601, UTC
+    end_time: str | None  # when it reached STOPPED, SUCCEEDED or FAILED
+
+    @classmethod
+    def of(cls, details: JobDetails) -> SubmittedJob:
+        """From the Jobs API's JobDetails."""
+        return cls(submission_id=str(details.submission_id), name=(details.metadata or {}).get(METADATA_KEY),
+                   status=str(details.status.value), message=details.message, start_time=_utc(details.start_time),
+                   end_time=_utc(details.end_time))
+
+
+def _utc(epoch_ms: int | None) -> str | None:
+    """A Jobs API time, milliseconds since the epoch, as ISO 8601 in UTC."""
+    if epoch_ms is None:
+        return None
+    return datetime.fromtimestamp(epoch_ms / 1000, timezone.utc).isoformat(timespec="seconds")
+
+
 def submit_job(spec_path: str, address: str, *, extra_args: list[str] | None = None, wait: bool = False,
-               python: str = "python", logical_date: datetime | None = None) -> str:
+               python: str = "python", logical_date: datetime | None = None, submission_id: str | None = None) -> str:
     """Submit a spec to the cluster whose dashboard is at `address` (`http://HEAD:8265`); return the submission id.
 
     `extra_args` are appended to `qwen-batch run` (e.g. `["--overwrite"]`). `python` is the interpreter the
@@ -45,6 +75,10 @@ def submit_job(spec_path: str, address: str, *, extra_args: list[str] | None = N
     With `wait`, return only when the job has ended, raising RuntimeError unless it SUCCEEDED. The logical date
     (`logical_date`, else QWEN_BATCH_LOGICAL_DATE here) goes to `run` as `--logical-date`, since the cluster does
     not share this machine's environment.
+
+    With `submission_id`, submitting is idempotent: when the cluster already has a job of that id and spec name (a
+    retried scheduler task), nothing is submitted and that job's id is returned; an id taken by another job is a
+    SpecError.
     """
     from qwen_batch.schemas.spec import load_spec, logical_date_from_env
 
@@ -54,9 +88,10 @@ def submit_job(spec_path: str, address: str, *, extra_args: list[str] | None = N
     dated = ["--logical-date", logical_date.isoformat()] if logical_date else []
     entrypoint = shlex.join([python, "-m", "qwen_batch.jobs.cli", "run", SPEC_NAME, *dated, *(extra_args or [])])
     client = _client(address)
-    with tempfile.TemporaryDirectory(prefix="qwen-batch-submit-") as folder:
-        submission_id = client.submit_job(entrypoint=entrypoint, runtime_env=_runtime_env(folder, spec_path),
-                                          metadata={METADATA_KEY: spec.name})
+    if submission_id is None or not _already_submitted(client, submission_id, spec.name):
+        with tempfile.TemporaryDirectory(prefix="qwen-batch-submit-") as folder:
+            submission_id = client.submit_job(entrypoint=entrypoint, runtime_env=_runtime_env(folder, spec_path),
+                                              metadata={METADATA_KEY: spec.name}, submission_id=submission_id)
     if wait:
         status = wait_job(address, submission_id)
         if status != "SUCCEEDED":
@@ -79,6 +114,18 @@ def wait_job(address: str, submission_id: str, *, timeout_s: float | None = None
 def job_status(address: str, submission_id: str) -> str:
     """The job's status: PENDING, RUNNING, STOPPED, SUCCEEDED or FAILED."""
     return str(_client(address).get_job_status(submission_id).value)
+
+
+def job_info(address: str, submission_id: str) -> SubmittedJob:
+    """The job's name, status, message and times."""
+    return SubmittedJob.of(_client(address).get_job_info(submission_id))
+
+
+def list_jobs(address: str) -> list[SubmittedJob]:
+    """The cluster's qwen-batch jobs (those `submit_job` submitted), oldest first."""
+    jobs = [SubmittedJob.of(details) for details in _client(address).list_jobs()
+            if details.submission_id and METADATA_KEY in (details.metadata or {})]
+    return sorted(jobs, key=lambda job: job.start_time or "")
 
 
 def job_logs(address: str, submission_id: str, follow: bool = False) -> Iterator[str]:
@@ -107,6 +154,21 @@ def stop_job(address: str, submission_id: str) -> bool:
     uncommitted data file, which the next run of the spec overwrites.
     """
     return bool(_client(address).stop_job(submission_id))
+
+
+def _already_submitted(client: JobSubmissionClient, submission_id: str, name: str) -> bool:
+    """Whether the cluster has the job `submission_id` of spec `name` already; SpecError if another job has that id."""
+    for details in client.list_jobs():
+        if details.submission_id != submission_id:
+            continue
+        job = SubmittedJob.of(details)
+        if job.name != name:
+            submitted = f"job {job.name!r}" if job.name else "a job qwen-batch did not submit"
+            raise SpecError(f"submission id {submission_id!r} is taken on the cluster by {submitted}, not by this "
+                            f"spec's {name!r}; give this job an id of its own (e.g. its name and logical date)")
+        log.info("job %s (%s) is on the cluster already, %s; not submitting it again", submission_id, name, job.status)
+        return True
+    return False
 
 
 def _client(address: str) -> JobSubmissionClient:

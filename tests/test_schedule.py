@@ -160,7 +160,7 @@ def write_dated_job(root: Path, days: list[str], variant: str = "tiny-qwen2") ->
 
 def test_validate_takes_the_logical_date(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     job = write_dated_job(tmp_path, ["2026-11-28"], variant="qwen2.5-0.5b-instruct")
-    assert main(["validate", str(job), "--logical-date", "2026-11-28"]) == 0
+    assert main(["validate", str(job), "--logical-date", "2026-11-28", "--json"]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown["job_id"].startswith("events-20261128-")
     assert shown["output"] == str(tmp_path / "out" / "2026-11-28") and shown["rows"] == 10
