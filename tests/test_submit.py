@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 from qwen_batch.jobs.cli import main
-from qwen_batch.jobs.submit import _client, _runtime_env, job_logs, job_status, submit_job, wait_job
+from qwen_batch.jobs.submit import METADATA_KEY, _client, _runtime_env, job_logs, job_status, submit_job, wait_job
 from qwen_batch.schemas.errors import SpecError
 
 VENV_BIN = Path(sys.executable).parent
@@ -201,6 +201,55 @@ def test_submit_ships_the_project_packages_as_py_modules(cluster: Cluster, tmp_p
     for package in ("jobs", "pipelines", "cluster", "schemas"):
         assert re.search(rf"^/.*/runtime_resources/py_modules_files/_ray_pkg_[0-9a-f]+/qwen_batch/{package}$", logs,
                          re.MULTILINE), logs
+
+
+@pytest.mark.engine
+@pytest.mark.s3
+def test_list_shows_the_qwen_batch_jobs_and_status_exits_with_their_state(cluster: Cluster,
+                                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """`list` shows the jobs with qwen-batch's metadata, not the cluster's others; `status` exits 0 or 1 for them."""
+    client = _client(cluster.address)
+    ours = client.submit_job(entrypoint="echo listed", metadata={METADATA_KEY: "listed"})
+    failed = client.submit_job(entrypoint="exit 7", metadata={METADATA_KEY: "failing"})
+    other = client.submit_job(entrypoint="echo not ours")
+    assert [wait_job(cluster.address, job, timeout_s=120, poll_s=0.5) for job in (ours, failed, other)] == [
+        "SUCCEEDED", "FAILED", "SUCCEEDED"]
+
+    listed = {job["submission_id"]: job for job in json.loads(cli(capsys, "list", "--address", cluster.address,
+                                                                  "--json"))}
+    assert other not in listed
+    assert (listed[ours]["name"], listed[ours]["status"]) == ("listed", "SUCCEEDED")
+    assert (listed[failed]["name"], listed[failed]["status"]) == ("failing", "FAILED")
+    assert listed[ours]["start_time"] <= listed[ours]["end_time"]
+    table = cli(capsys, "list", "--address", cluster.address)
+    assert re.search(rf"^{ours}\s+listed\s+SUCCEEDED\s+\d{{4}}-\d\d-\d\dT", table, re.MULTILINE), table
+    assert other not in table
+
+    assert json.loads(cli(capsys, "status", ours, "--address", cluster.address, "--json"))["status"] == "SUCCEEDED"
+    assert main(["status", failed, "--address", cluster.address]) == 1
+    assert capsys.readouterr().out == "FAILED\n"
+
+
+@pytest.mark.engine
+@pytest.mark.s3
+def test_a_retried_submit_with_its_submission_id_submits_nothing(cluster: Cluster, tmp_path: Path) -> None:
+    """A retried Airflow task: the first try's job exists under the id, so the retry prints it and submits nothing."""
+    spec = write_job(tmp_path, "retried", 2)
+    submission_id = f"retried-{secrets.token_hex(4)}"
+    client = _client(cluster.address)
+    client.submit_job(entrypoint="echo first try", submission_id=submission_id, metadata={METADATA_KEY: "retried"})
+    jobs_before = len(client.list_jobs())
+
+    retried = subprocess.run([str(VENV_BIN / "qwen-batch"), "submit", str(spec), "--address", cluster.address,
+                              "--submission-id", submission_id], capture_output=True, text=True, timeout=120)
+
+    assert retried.returncode == 0, retried.stderr
+    assert retried.stdout == f"{submission_id}\n"
+    assert f"job {submission_id} (retried) is on the cluster already" in retried.stderr
+    assert "not submitting it again" in retried.stderr
+    assert len(client.list_jobs()) == jobs_before
+    assert wait_job(cluster.address, submission_id, timeout_s=120, poll_s=0.5) == "SUCCEEDED"
+    assert "first try" in next(job_logs(cluster.address, submission_id))
 
 
 @pytest.mark.engine
