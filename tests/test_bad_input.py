@@ -109,14 +109,15 @@ def test_invalid_yaml_names_the_file_and_position(tmp_path: Path) -> None:
 def test_unknown_field_names_its_path(parquet_input: Path) -> None:
     error = planning_error(spec_of(parquet_input, input={"formt": "parquet"}))
 
-    assert error.problems == ["input.formt: unknown field; remove it or check its spelling against the spec "
-                              "reference in README.md"]
+    assert error.problems == ["input.formt: unknown field; did you mean `format`? Else remove it or check its "
+                              "spelling against the spec reference in README.md"]
 
 
 def test_unknown_variant_suggests_close_names(parquet_input: Path) -> None:
     message = str(planning_error(spec_of(parquet_input, model={"variant": "qwen2.5-7b-instrct"})))
 
-    assert message.startswith("model.variant: 'qwen2.5-7b-instrct' is not in the catalog. Closest: qwen2.5-7b-instruct")
+    assert message.startswith("model.variant: found 'qwen2.5-7b-instrct'; it is not in the catalog. Closest: "
+                              "qwen2.5-7b-instruct")
     assert "`qwen-batch models` lists them all" in message
 
 
