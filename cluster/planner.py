@@ -38,11 +38,20 @@ Time model, a roofline per replica (rows are split evenly over the replicas):
   are left out, and fp8 variants are timed at bf16 rates too (fp8 matrix units could double prefill speed).
 - Prefill and decode times add up; vLLM overlaps them (chunked prefill), so the estimate errs long. Engine start
   and model loading are not counted.
+
+Feeding model (`feeding_throughput`): the same decode step, stepped through a run whose rows have their own output
+lengths. Continuously fed, finished rows are replaced from the queue at once, so the batch stays at its cap until
+the run's end; fed shard by shard (one `generate` per shard), the batch drains to the shard's longest row before the
+next shard starts. The difference is what continuous feeding is worth on real length distributions.
 """
 
 from __future__ import annotations
 
+import heapq
 import math
+import random
+from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 from qwen_batch.schemas.catalog import CATALOG, ModelVariant
@@ -55,7 +64,9 @@ __all__ = [
     "VariantPlan",
     "embedding_params",
     "estimate_run",
+    "feeding_throughput",
     "kv_bytes_per_token",
+    "lognormal_lengths",
     "plan_variant",
     "weight_bytes",
 ]
@@ -305,6 +316,40 @@ def estimate_run(
         compute_cost_usd=gpu_hours * gpu.usd_per_hour,
         list_price_cost_usd=(prompt_tokens * variant.input_per_mtok + output_tokens * variant.output_per_mtok) / 1e6,
     )
+
+
+def feeding_throughput(plan: VariantPlan, gpu: GpuType, output_lengths: Sequence[int], prompt_tokens: float,
+                       max_num_seqs: int = DEFAULT_MAX_NUM_SEQS, rows_per_shard: int | None = None) -> float:
+    """Decode-only output tokens/s of one replica over rows of the given output lengths: fed continuously
+    (`rows_per_shard` None), or one shard at a time, each drained before the next (see the module docstring)."""
+    if not output_lengths:
+        raise ValueError("output_lengths is empty")
+    variant = plan.variant
+    active_params = (variant.active_params_b or variant.params_b) * 1e9
+    mean_length = sum(output_lengths) / len(output_lengths)
+    cap = max(1, min(max_num_seqs, plan.kv_capacity_tokens // max(1, math.ceil(prompt_tokens + mean_length))))
+    every = rows_per_shard or len(output_lengths)
+    seconds = 0.0
+    for first in range(0, len(output_lengths), every):
+        queue, running, started_sum, step = deque(output_lengths[first:first + every]), [], 0, 0
+        # Event by event: between two rows finishing, the batch is constant and its context grows by one a step.
+        while queue or running:
+            while queue and len(running) < cap:
+                heapq.heappush(running, (step + queue.popleft(), step))
+                started_sum += step
+            finish = running[0][0]
+            context = prompt_tokens + (step + finish) / 2 - started_sum / len(running)
+            seconds += (finish - step) * _decode_step_s(plan, gpu, len(running), context, active_params)
+            step = finish
+            while running and running[0][0] == step:
+                started_sum -= heapq.heappop(running)[1]
+    return sum(output_lengths) / seconds
+
+
+def lognormal_lengths(count: int, median: float, sigma: float, cap: int, seed: int = 0) -> list[int]:
+    """Output lengths as real batches have them: lognormal around `median`, at least 1, at most `cap`."""
+    draw = random.Random(seed)
+    return [min(cap, max(1, round(draw.lognormvariate(math.log(median), sigma)))) for _ in range(count)]
 
 
 def _decode_step_s(plan: VariantPlan, gpu: GpuType, batch: int, avg_context: float, active_params: float) -> float:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from qwen_batch.cluster.planner import GPU_TYPES, VariantPlan, plan_variant
@@ -14,10 +14,12 @@ from qwen_batch.schemas.spec import JobSpec, ModelSpec
 
 log = logging.getLogger(__name__)
 
-# Ray restarts a dead engine actor this many times and resubmits the shards it held; a retried shard is rewritten
-# under the same name before its commit record exists, so retries never duplicate output.
-ENGINE_MAX_RESTARTS = 4
-ENGINE_MAX_TASK_RETRIES = 4
+# vLLM's own default max_num_seqs for offline (`LLM`) use: 1,024 on GPUs of 70 GB or more other than A100s, 256 on
+# other GPUs, 256 per tensor-parallel rank on CPUs (vllm/engine/arg_utils.py get_batch_defaults). We pass the figure
+# to the engine ourselves, so the rows kept in flight per replica are sized from the number the engine really uses.
+LARGE_GPU_GIB = 70
+LARGE_GPU_MAX_NUM_SEQS = 1024
+MAX_NUM_SEQS = 256
 
 
 @dataclass(frozen=True)
@@ -29,13 +31,19 @@ class ReplicaPlan:
     replicas: int
     llm_kwargs: dict[str, Any]
     env: dict[str, str]
-    ray_remote_args: dict[str, Any] = field(default_factory=dict)
+    num_cpus: float
+    num_gpus: int = 0
 
     @property
     def accelerators(self) -> int:
         """Accelerators all replicas hold together (CPU engines count one each)."""
         per_replica = self.tensor_parallel_size if self.accelerator == "gpu" else 1
         return per_replica * self.replicas
+
+    @property
+    def max_num_seqs(self) -> int:
+        """Sequences each engine decodes at once."""
+        return self.llm_kwargs["max_num_seqs"]
 
 
 def plan_replicas(spec: JobSpec, model: ModelSpec, variant: ModelVariant, max_model_len: int,
@@ -73,25 +81,31 @@ def plan_replicas(spec: JobSpec, model: ModelSpec, variant: ModelVariant, max_mo
         # JSON from a weak or random model pads whitespace until max_tokens unless the grammar forbids it; the
         # per-request flag is ignored, so it is set for the engine.
         llm_kwargs["structured_outputs_config"] = {"backend": "xgrammar", "disable_any_whitespace": True}
-    if engine.max_num_seqs is not None:
-        llm_kwargs["max_num_seqs"] = engine.max_num_seqs
+    llm_kwargs["max_num_seqs"] = engine.max_num_seqs or default_max_num_seqs(spec, accelerator, tp)
     env: dict[str, str] = {}
+    num_gpus = 0
     if accelerator == "gpu":
         llm_kwargs["gpu_memory_utilization"] = engine.gpu_memory_utilization
         # With the `ray` backend vLLM places its workers in a placement group of `tp` GPU bundles it creates itself;
         # otherwise the actor holds the GPUs and `mp` workers inherit them.
-        remote: dict[str, Any] = {"num_cpus": resources.cpus_per_replica, "num_gpus": 0 if backend == "ray" else tp}
+        num_gpus = 0 if backend == "ray" else tp
     else:
         env.update(cpu_engine_env(tp, engine.cpu_kv_cache_gib))
         if backend == "uni":
             # In-process engine core: 7 s to start instead of 22 s, and 2 GiB less memory, on the CPU.
             env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-        remote = {"num_cpus": resources.cpus_per_replica}
     env.update(engine.env)
     llm_kwargs.update(engine.extra_args)
-    remote.update(max_restarts=ENGINE_MAX_RESTARTS, max_task_retries=ENGINE_MAX_TASK_RETRIES,
-                  runtime_env={"env_vars": env})
-    return ReplicaPlan(accelerator, tp, resources.replicas, llm_kwargs, env, remote)
+    return ReplicaPlan(accelerator, tp, resources.replicas, llm_kwargs, env, resources.cpus_per_replica, num_gpus)
+
+
+def default_max_num_seqs(spec: JobSpec, accelerator: str, tensor_parallel_size: int) -> int:
+    """vLLM's offline default for the replica's hardware (see MAX_NUM_SEQS)."""
+    if accelerator == "cpu":
+        return MAX_NUM_SEQS * tensor_parallel_size
+    gpu = GPU_TYPES[spec.resources.gpu_type]
+    large = gpu.memory_gib >= LARGE_GPU_GIB and not spec.resources.gpu_type.startswith("a100")
+    return LARGE_GPU_MAX_NUM_SEQS if large else MAX_NUM_SEQS
 
 
 def gpu_plan(spec: JobSpec, variant: ModelVariant, max_model_len: int, gpus: int) -> VariantPlan:

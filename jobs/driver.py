@@ -24,6 +24,7 @@ from qwen_batch.pipelines import storage
 from qwen_batch.pipelines.engine import EngineConfig
 from qwen_batch.pipelines.prompts import PromptConfig, Routes
 from qwen_batch.pipelines.read import ReadConfig, Shard, input_columns, plan_shards
+from qwen_batch.pipelines.structured import StructuredOutput
 from qwen_batch.pipelines.write import OPENAI_DIR, Layout, WriteConfig, read_commit
 from qwen_batch.schemas.catalog import ModelVariant, get_variant
 from qwen_batch.schemas.errors import SpecError
@@ -209,8 +210,7 @@ def run_job(spec: JobSpec, *, address: str | None = None, overwrite: bool = Fals
                     continue
                 model_started = time.monotonic()
                 replicas = plan_replicas(spec, model.spec, model.variant, model.max_model_len, cluster_gpus())
-                dataset = build_dataset(todo, *stage_configs(plan, model, run_id, replicas.llm_kwargs), replicas,
-                                        spec.resources.batches_in_flight)
+                dataset = build_dataset(todo, *stage_configs(plan, model, run_id, replicas.llm_kwargs), replicas)
                 committed_now += _follow(dataset, model.name, todo, model_started)
                 accelerators = max(accelerators, replicas.accelerators)
                 accelerator_seconds += replicas.accelerators * (time.monotonic() - model_started)
@@ -253,20 +253,16 @@ def stage_configs(plan: JobPlan, model: ModelPlan, run_id: str,
         # model (which never writes <think> itself) exercises the same path.
         generation_suffix="<think>\n" if thinking else "",
     )
-    response = spec.response_format
     engine = EngineConfig(
         model=model.model, llm_kwargs=llm_kwargs, sampling=sampling_params(spec, variant, thinking), seed=spec.sampling.seed,
         thinking=thinking, thinking_budget=model.spec.thinking_budget,
-        structured=None if response is None else
-        {"choice": response.labels} if response.labels else
-        {"json": response.json_schema} if response.json_schema else {"regex": response.regex},
+        structured=None if spec.response_format is None else StructuredOutput.from_spec(spec.response_format),
     )
     write = WriteConfig(layout=plan.layout, storage_options=spec.output.storage_options, variant=model.name,
                         model=model.model if model.spec.path else variant.hf_id,
                         input_per_mtok=_or(spec.prices.input_per_mtok, variant.input_per_mtok),
                         output_per_mtok=_or(spec.prices.output_per_mtok, output_price(variant, thinking)),
                         carry_columns=tuple(spec.input.carry_columns), run_id=run_id,
-                        response_format=None if response is None else response.model_dump(exclude_none=True),
                         openai_output=spec.output.format == "openai-batch", job_id=plan.job_id)
     return ReadConfig.of(spec.input, prompt_columns(spec)), prompt, engine, write
 
@@ -316,6 +312,7 @@ def write_manifest(plan: JobPlan) -> JobManifest:
         rows_failed=totals.rows_failed, totals=totals, per_variant=per_variant, bad_files=plan.bad_files, runs=runs,
         wall_seconds=sum(r.wall_seconds for r in runs), engine_seconds=totals.engine_seconds,
         output_tokens_per_s=totals.completion_tokens / totals.engine_seconds if totals.engine_seconds else 0.0,
+        mean_running_batch=totals.batch_seconds / totals.engine_seconds if totals.engine_seconds else 0.0,
         structured_validity_rate=_validity_rate(totals),
         list_price_cost_usd=totals.cost_usd, accelerator_seconds=accelerator_seconds,
         accelerator_hour_usd=spec.prices.accelerator_hour, compute_cost_usd=compute_cost,

@@ -1,20 +1,61 @@
-"""Engine stage: one vLLM engine per actor, fed token ids, reporting what it generated in token ids."""
+"""Engine stage: one vLLM engine per actor, fed token ids from many shards at once, never drained between shards.
+
+Ray Data calls the stage on several shards concurrently (threads of one actor). Each call hands its rows to the
+actor's feeder thread, which is the only thread that touches the engine: it adds new requests between engine steps,
+so a shard's last long rows decode alongside the next shards' rows and the engine's running batch stays full until
+the job's last shard. A call returns when its own rows are done; shards therefore finish and commit in any order.
+
+A dead actor is restarted by Ray and its shards retried without limit (a lost node is normal). An engine that fails
+while generating first tells the job's CrashLedger which rows it held: on the retry those rows run one at a time with
+nothing beside them, and a row that brings the engine down again on its own becomes an `engine_error` row, so a poison
+row can neither loop nor end the job.
+"""
 
 from __future__ import annotations
 
 import hashlib
-import json
+import itertools
 import logging
+import math
 import os
+import queue
+import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
 
+import ray
+
 from qwen_batch.pipelines.stage import Stage, with_errors
+from qwen_batch.pipelines.structured import StructuredOutput
 
 log = logging.getLogger(__name__)
+
+# Rows each replica keeps in flight, as a multiple of the engine's max_num_seqs: enough queued behind the running
+# batch that a shard finishing never leaves the engine short of work.
+ROWS_IN_FLIGHT_PER_SEQ = 2
+# Engine failures a row may be part of: the first in company, the second alone, which makes it an error row.
+CRASHES_BEFORE_ERROR = 2
+LEDGER_TIMEOUT_S = 30.0
+
+
+@ray.remote(num_cpus=0)
+class CrashLedger:
+    """How many engine failures each row (shard id, position in the shard) was in flight for, in one run."""
+
+    def __init__(self) -> None:
+        self.crashes: dict[str, dict[int, int]] = {}
+
+    def record(self, rows: list[tuple[str, int]]) -> None:
+        for shard, index in rows:
+            counts = self.crashes.setdefault(shard, {})
+            counts[index] = counts.get(index, 0) + 1
+
+    def of_shard(self, shard: str) -> dict[int, int]:
+        return self.crashes.get(shard, {})
 
 
 @dataclass(frozen=True)
@@ -27,7 +68,45 @@ class EngineConfig:
     seed: int | None
     thinking: bool = False
     thinking_budget: int | None = None
-    structured: dict[str, Any] | None = None
+    structured: StructuredOutput | None = None
+    ledger: Any = None  # a CrashLedger handle
+
+
+def shards_in_flight(max_num_seqs: int, rows_per_shard: int) -> int:
+    """Concurrent shards per replica that keep `ROWS_IN_FLIGHT_PER_SEQ x max_num_seqs` rows at the engine, plus
+    one more, so the rows of the shard after a finished one are already there."""
+    return math.ceil(ROWS_IN_FLIGHT_PER_SEQ * max_num_seqs / rows_per_shard) + 1
+
+
+@dataclass(frozen=True)
+class Generation:
+    """What the engine reported for one row, plus its share of the engine's busy time."""
+
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    cached_tokens: int
+    engine_seconds: float
+    batch_seconds: float
+
+    @classmethod
+    def from_vllm(cls, output: Any, engine_seconds: float, batch_seconds: float) -> Generation:
+        """From a finished `vllm.RequestOutput`."""
+        completion = output.outputs[0]
+        return cls(list(completion.token_ids), completion.text, completion.finish_reason or "stop",
+                   len(output.prompt_token_ids), output.num_cached_tokens or 0, engine_seconds, batch_seconds)
+
+
+@dataclass
+class _Request:
+    """A row on its way through the engine: where it is from, its future, and the busy time it has been part of."""
+
+    row: tuple[str, int]
+    future: Future
+    isolated: bool = False
+    engine_seconds: float = 0.0
+    batch_seconds: float = 0.0
 
 
 class EngineStage(Stage):
@@ -37,7 +116,7 @@ class EngineStage(Stage):
         "id": "row id, which seeds the row's sampling",
         "prompt_token_ids": "token ids of the chat-templated prompt, null for error rows",
         "_skip": "true for rows another model of the job answers",
-        "_request": "JSON of the row's own sampling overrides (OpenAI batch requests), else null",
+        "_request": "the row's own sampling overrides (OpenAI batch requests), else null",
         "_error_type": "error class of a row that already failed, else null",
         "_error": "message of a row that already failed, else null",
     }
@@ -49,7 +128,9 @@ class EngineStage(Stage):
         "finish_reason": "`stop`, `length`, or `error`",
         "prompt_tokens": "prompt length as the engine counted it",
         "cached_tokens": "prompt tokens served from the prefix cache",
-        "_engine_seconds": "wall time of the shard's generate call",
+        "parsed": "the answer when it satisfies the row's response format, else null",
+        "_engine_seconds": "the row's share of the engine's busy time (each step split among the rows in it)",
+        "_batch_seconds": "engine busy time the row spent in the running batch",
     }
 
     def __init__(self, config: EngineConfig):
@@ -60,6 +141,9 @@ class EngineStage(Stage):
         self.llm = LLM(model=config.model, **config.llm_kwargs)
         self.tokenizer = self.llm.get_tokenizer()
         self.think_end = self.tokenizer.convert_tokens_to_ids("</think>") if config.thinking else None
+        self._incoming: queue.SimpleQueue[tuple[str, Any, Any, _Request]] = queue.SimpleQueue()
+        self._request_ids = itertools.count()
+        threading.Thread(target=self._feed, name="engine-feeder", daemon=True).start()
         log.info("engine for %s ready in %.1f s", config.model, time.monotonic() - started)
 
     def __call__(self, block: pa.Table) -> pa.Table:
@@ -70,14 +154,22 @@ class EngineStage(Stage):
         errors = block.column("_error").to_pylist()
         ids = block.column("id").to_pylist()
         skip = block.column("_skip").to_pylist()
-        todo = [i for i, error_type in enumerate(error_types) if error_type is None and not skip[i]]
         token_lists = block.column("prompt_token_ids").to_pylist()
-        prompts = [TokensPrompt(prompt_token_ids=token_lists[i]) for i in todo]
         requests = block.column("_request").to_pylist()
-        params = [self.sampling_params(ids[i], json.loads(requests[i]) if requests[i] else {}) for i in todo]
-        started = time.monotonic()
-        outputs = self._generate(prompts, params)
-        engine_seconds = time.monotonic() - started
+        shard = block.column("_shard")[0].as_py()
+        crashes = self._crashes(shard)
+        futures: dict[int, Future] = {}
+        for index, error_type in enumerate(error_types):
+            if error_type is not None or skip[index]:
+                continue
+            if crashes.get(index, 0) >= CRASHES_BEFORE_ERROR:
+                error_types[index], errors[index] = "engine_error", (
+                    f"the engine failed {crashes[index]} times with this row in it, the last time with no other row "
+                    "beside it: the row was not answered. Check its prompt and sampling fields.")
+                continue
+            futures[index] = self._submit((shard, index), TokensPrompt(prompt_token_ids=token_lists[index]),
+                                          lambda i=index: self.sampling_params(ids[i], requests[i]),
+                                          isolated=index in crashes)
 
         count = block.num_rows
         text: list[str | None] = [None] * count
@@ -87,19 +179,28 @@ class EngineStage(Stage):
         finish = ["error"] * count
         prompt_tokens = [0] * count
         cached = [0] * count
-        for index, output in zip(todo, outputs):
-            if isinstance(output, Exception):
-                error_types[index], errors[index] = "engine_error", f"the engine rejected this row: {output}"
+        parsed: list[str | None] = [None] * count
+        engine_seconds = [0.0] * count
+        batch_seconds = [0.0] * count
+        for index, future in futures.items():
+            generation = future.result()
+            if isinstance(generation, Exception):
+                error_types[index], errors[index] = "engine_error", f"the engine rejected this row: {generation}"
                 continue
-            completion = output.outputs[0]
-            completion_ids[index] = list(completion.token_ids)
+            completion_ids[index] = generation.token_ids
             if self.think_end is None:
-                text[index] = completion.text
+                text[index] = generation.text
             else:
-                reasoning_tokens[index], reasoning[index], text[index] = self.split_reasoning(completion_ids[index])
-            finish[index] = completion.finish_reason or "stop"
-            prompt_tokens[index] = len(output.prompt_token_ids)
-            cached[index] = output.num_cached_tokens or 0
+                reasoning_tokens[index], reasoning[index], text[index] = self.split_reasoning(generation.token_ids)
+            finish[index] = generation.finish_reason
+            prompt_tokens[index] = generation.prompt_tokens
+            cached[index] = generation.cached_tokens
+            engine_seconds[index], batch_seconds[index] = generation.engine_seconds, generation.batch_seconds
+            structured = self.structured_output(requests[index])
+            if structured is not None:
+                parsed[index], problem = structured.check(text[index])
+                if problem is not None:
+                    error_types[index], errors[index] = "invalid_structured_output", problem
         return (
             with_errors(block, error_types, errors)
             .append_column("generated_text", pa.array(text, pa.string()))
@@ -109,24 +210,29 @@ class EngineStage(Stage):
             .append_column("finish_reason", pa.array(finish, pa.string()))
             .append_column("prompt_tokens", pa.array(prompt_tokens, pa.int64()))
             .append_column("cached_tokens", pa.array(cached, pa.int64()))
-            .append_column("_engine_seconds", pa.array([engine_seconds] * count, pa.float64()))
+            .append_column("parsed", pa.array(parsed, pa.string()))
+            .append_column("_engine_seconds", pa.array(engine_seconds, pa.float64()))
+            .append_column("_batch_seconds", pa.array(batch_seconds, pa.float64()))
         )
 
-    def sampling_params(self, row_id: str, overrides: dict[str, Any]) -> Any:
+    def structured_output(self, request: dict[str, Any] | None) -> StructuredOutput | None:
+        """The row's response format: its request's own, else the job's."""
+        if request is not None and request.get("response_format") is not None:
+            return StructuredOutput.from_json(request["response_format"])
+        return self.config.structured
+
+    def sampling_params(self, row_id: str, request: dict[str, Any] | None) -> Any:
         """A row's SamplingParams: the job's, with the row's own request fields (OpenAI batch) on top."""
         from vllm import SamplingParams
-        from vllm.sampling_params import StructuredOutputsParams
 
         config = self.config
-        response_format = overrides.pop("response_format", None)
-        structured = config.structured
-        if response_format is not None:
-            structured = {"json": response_format["json_schema"]} if "json_schema" in response_format else \
-                {"json_object": True}
+        overrides = {name: value for name, value in (request or {}).items()
+                     if value is not None and name != "response_format"}
         seed = overrides.pop("seed", None)
+        structured = self.structured_output(request)
         return SamplingParams(
             **{**config.sampling, **overrides}, seed=row_seed(config.seed, row_id) if seed is None else seed,
-            structured_outputs=StructuredOutputsParams(**structured) if structured else None,
+            structured_outputs=structured.to_vllm() if structured else None,
             thinking_token_budget=config.thinking_budget,
         )
 
@@ -137,32 +243,90 @@ class EngineStage(Stage):
         reasoning = decode(token_ids[:end], skip_special_tokens=True).replace("</think>", "").strip()
         return end, reasoning, decode(token_ids[end:], skip_special_tokens=True).lstrip("\n")
 
-    def _generate(self, prompts: list[Any], params: list[Any]) -> list[Any]:
-        """Generate a batch; if the engine rejects it, isolate the rows it rejects as per-row exceptions."""
-        if not prompts:
-            return []
-        try:
-            return self.llm.generate(prompts, params, use_tqdm=False)
-        except Exception as exc:  # noqa: BLE001 - a dead engine is re-raised below; anything else is per row
-            self._exit_if_dead(exc)
-            log.warning("batch of %d rows failed (%s); retrying row by row to isolate the bad rows", len(prompts), exc)
-        results: list[Any] = []
-        for prompt, param in zip(prompts, params):
-            try:
-                results.extend(self.llm.generate([prompt], [param], use_tqdm=False))
-            except Exception as exc:  # noqa: BLE001
-                self._exit_if_dead(exc)
-                results.append(exc)
-        return results
+    def _crashes(self, shard: str) -> dict[int, int]:
+        """Engine failures per row of the shard so far in this run (none without a ledger)."""
+        if self.config.ledger is None:
+            return {}
+        return ray.get(self.config.ledger.of_shard.remote(shard), timeout=LEDGER_TIMEOUT_S)
 
-    @staticmethod
-    def _exit_if_dead(exc: Exception) -> None:
-        """A dead engine cannot recover in this process: exit so Ray restarts the actor and retries the shard."""
+    def _submit(self, row: tuple[str, int], prompt: Any, make_params: Any, isolated: bool) -> Future:
+        """Queue one row for the feeder; the future resolves to a Generation, or the exception that rejected it."""
+        request = _Request(row, Future(), isolated)
+        try:
+            params = make_params()
+        except Exception as exc:  # noqa: BLE001 - bad per-row sampling fields fail that row only
+            request.future.set_result(exc)
+            return request.future
+        self._incoming.put((f"row-{next(self._request_ids)}", prompt, params, request))
+        return request.future
+
+    def _feed(self) -> None:
+        """The engine loop: admit queued rows, step, resolve finished rows; block while there is nothing to do.
+
+        A row under suspicion (in flight at an earlier engine failure) is admitted only into an empty engine, and
+        nothing joins it until it is done, so a failure with it in flight is its own.
+        """
+        engine = self.llm.llm_engine
+        running: dict[str, _Request] = {}
+        waiting: list[tuple[str, Any, Any, _Request]] = []
+        suspects: list[tuple[str, Any, Any, _Request]] = []
+        while True:
+            try:
+                # Wait for work only when there is none, so new rows join between steps.
+                item = self._incoming.get(block=not (running or waiting or suspects))
+                while True:
+                    (suspects if item[3].isolated else waiting).append(item)
+                    item = self._incoming.get_nowait()
+            except queue.Empty:
+                pass
+            if any(r.isolated for r in running.values()):
+                admitted = []
+            elif suspects:
+                # Let the engine empty, then give it the suspect alone.
+                admitted = [] if running else [suspects.pop(0)]
+            else:
+                admitted, waiting = waiting, []
+            for request_id, prompt, params, request in admitted:
+                try:
+                    engine.add_request(request_id, prompt, params)
+                    running[request_id] = request
+                except Exception as exc:  # noqa: BLE001 - the engine rejected this row alone
+                    self._exit_if_dead(exc, running)
+                    request.future.set_result(exc)
+            if not running:
+                continue
+            started = time.monotonic()
+            try:
+                outputs = engine.step()
+            except Exception as exc:  # noqa: BLE001 - an engine that fails a step is not trusted again
+                self._exit_if_dead(exc, running)
+                self._exit(f"engine step failed ({exc})", running)
+            seconds = time.monotonic() - started
+            for output in outputs:
+                request = running[output.request_id]
+                request.engine_seconds += seconds / len(outputs)
+                request.batch_seconds += seconds
+                if output.finished:
+                    del running[output.request_id]
+                    request.future.set_result(
+                        Generation.from_vllm(output, request.engine_seconds, request.batch_seconds))
+
+    def _exit(self, why: str, running: dict[str, _Request]) -> None:
+        """Record the rows in flight in the ledger, then exit so Ray restarts the actor and retries its shards."""
+        log.error("%s with %d rows in flight; exiting the actor so Ray restarts it", why, len(running))
+        if self.config.ledger is not None and running:
+            try:
+                ray.get(self.config.ledger.record.remote([r.row for r in running.values()]), timeout=LEDGER_TIMEOUT_S)
+            except Exception as exc:  # noqa: BLE001 - the restart matters more than the record
+                log.error("could not record the rows in flight at the engine failure: %s", exc)
+        os._exit(1)
+
+    def _exit_if_dead(self, exc: Exception, running: dict[str, _Request]) -> None:
+        """A dead engine cannot recover in this process."""
         from vllm.v1.engine.exceptions import EngineDeadError
 
         if isinstance(exc, EngineDeadError):
-            log.error("engine died (%s); exiting the actor so Ray restarts it", exc)
-            os._exit(1)
+            self._exit(f"engine died ({exc})", running)
 
 
 def row_seed(base_seed: int | None, row_id: str) -> int | None:

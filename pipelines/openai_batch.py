@@ -10,6 +10,7 @@ import hashlib
 import json
 from typing import Any
 
+from qwen_batch.pipelines.structured import StructuredOutput
 from qwen_batch.schemas.errors import RowError
 
 CHAT_COMPLETIONS = "/v1/chat/completions"
@@ -45,16 +46,16 @@ def parse_request(line: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]
     return columns, overrides
 
 
-def _response_format(given: Any) -> dict[str, Any] | None:
-    """OpenAI's response_format as ours: None (text), {"json_object": True} or {"json_schema": schema}."""
+def _response_format(given: Any) -> StructuredOutput | None:
+    """OpenAI's response_format as ours: None (text), any JSON object, or JSON valid against a schema."""
     if given is None or given == {"type": "text"}:
         return None
     if isinstance(given, dict) and given.get("type") == "json_object":
-        return {"json_object": True}
+        return StructuredOutput("json_object")
     if isinstance(given, dict) and given.get("type") == "json_schema" and isinstance(given.get("json_schema"), dict):
         schema = given["json_schema"].get("schema")
         if isinstance(schema, dict):
-            return {"json_schema": schema}
+            return StructuredOutput("json_schema", json_schema=schema)
     raise RowError("invalid_request", f"response_format must be text, json_object or json_schema with a `schema`, "
                    f"found {json.dumps(given)[:120]}")
 

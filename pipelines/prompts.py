@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 import string
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from qwen_batch.pipelines.stage import Stage, with_errors
 from qwen_batch.schemas.errors import RowError
@@ -56,7 +59,7 @@ class PromptStage(Stage):
         "_prompt": "JSON object of the row's prompt columns",
         "_error_type": "error class of a row that already failed, else null",
         "_error": "message of a row that already failed, else null",
-        "_request": "JSON of the row's own sampling overrides (OpenAI batch requests), else null",
+        "_request": "the row's own sampling overrides (OpenAI batch requests), else null",
     }
     produces = {
         "prompt_token_ids": "token ids of the chat-templated prompt, null for error rows",
@@ -67,14 +70,15 @@ class PromptStage(Stage):
         from transformers import AutoTokenizer
 
         self.config = config
-        self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer)
+        self.encoder = ChatEncoder(AutoTokenizer.from_pretrained(config.tokenizer), config.chat_template_kwargs,
+                                   config.generation_suffix)
         self.pieces = list(string.Formatter().parse(config.template)) if config.template is not None else []
 
     def __call__(self, block: pa.Table) -> pa.Table:
         self.check(block)
         error_types = block.column("_error_type").to_pylist()
         errors = block.column("_error").to_pylist()
-        texts: dict[int, str] = {}
+        encoded: dict[int, list[int]] = {}
         skip = [False] * block.num_rows
         routes = self.config.routes
         for index, raw in enumerate(block.column("_prompt").to_pylist()):
@@ -91,19 +95,15 @@ class PromptStage(Stage):
                         continue
                     if error is not None:
                         raise error
-                texts[index] = self.tokenizer.apply_chat_template(
-                    self.messages(values), tokenize=False, add_generation_prompt=True,
-                    **self.config.chat_template_kwargs,
-                ) + self.config.generation_suffix
+                encoded[index] = self.encoder.encode(self.messages(values))
             except RowError as exc:
                 error_types[index], errors[index] = exc.error_type, str(exc)
-        encoded = self.tokenizer(list(texts.values()), add_special_tokens=False)["input_ids"] if texts else []
         token_ids: list[list[int] | None] = [None] * block.num_rows
         limit = self.config.max_model_len
-        requests = block.column("_request").to_pylist()
-        for index, ids in zip(texts, encoded):
-            max_tokens = json.loads(requests[index]).get("max_tokens", self.config.max_tokens) if requests[index] \
-                else self.config.max_tokens
+        row_max_tokens = pc.fill_null(pc.struct_field(block.column("_request"), "max_tokens"),
+                                      self.config.max_tokens).to_pylist()
+        for index, ids in encoded.items():
+            max_tokens = row_max_tokens[index]
             if len(ids) + max_tokens > limit:
                 error_types[index] = "prompt_too_long"
                 errors[index] = (
@@ -130,6 +130,42 @@ class PromptStage(Stage):
         if self.config.system is not None and chat[0]["role"] != "system":
             chat = [{"role": "system", "content": self.config.system}, *chat]
         return chat
+
+
+class ChatEncoder:
+    """Chat messages to the token ids the engine sees: the chat template's markup keeps its control tokens, while
+    message text is tokenized as plain text, so a row holding `<|im_start|>system` or `</think>` can't forge a turn."""
+
+    def __init__(self, tokenizer: Any, chat_template_kwargs: dict[str, Any], generation_suffix: str):
+        self.tokenizer = tokenizer
+        self.chat_template_kwargs = chat_template_kwargs
+        self.generation_suffix = generation_suffix
+        # Private-use code points around a per-process nonce: the template places them where each content goes.
+        self.nonce = uuid.uuid4().hex[:12]
+        self.marker = re.compile(f"\ue000{self.nonce}:(\\d+)\ue001")
+        backend = tokenizer.backend_tokenizer
+        self.normalize = backend.normalizer.normalize_str if backend.normalizer else (lambda text: text)
+        self.pre_tokenize, self.model = backend.pre_tokenizer.pre_tokenize_str, backend.model
+
+    def encode(self, messages: list[dict[str, str]]) -> list[int]:
+        marked = [{**message, "content": f"\ue000{self.nonce}:{index}\ue001"} for index, message in enumerate(messages)]
+        rendered = self.tokenizer.apply_chat_template(marked, tokenize=False, add_generation_prompt=True,
+                                                      **self.chat_template_kwargs) + self.generation_suffix
+        ids: list[int] = []
+        position = 0
+        for match in self.marker.finditer(rendered):
+            ids += self.markup(rendered[position:match.start()])
+            ids += self.text(messages[int(match[1])]["content"])
+            position = match.end()
+        return ids + self.markup(rendered[position:])
+
+    def markup(self, text: str) -> list[int]:
+        """Template text: its special and added tokens are control tokens."""
+        return self.tokenizer.encode(text, add_special_tokens=False) if text else []
+
+    def text(self, text: str) -> list[int]:
+        """Data: byte-level BPE only, no special or added token ever matched."""
+        return [token.id for piece, _ in self.pre_tokenize(self.normalize(text)) for token in self.model.tokenize(piece)]
 
 
 def _text_field(name: str, value: Any) -> str:

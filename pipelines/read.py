@@ -35,6 +35,13 @@ SCAN_CHUNK_BYTES = 16 << 20
 # below the block size the pipeline sets (pipelines.pipeline.MAX_BLOCK_BYTES).
 MAX_SHARD_BYTES = 512 << 20
 
+# A row's own request fields (OpenAI batch), typed once at read time; null fields take the job's values.
+REQUEST_TYPE = pa.struct([
+    ("max_tokens", pa.int64()), ("temperature", pa.float64()), ("top_p", pa.float64()), ("seed", pa.int64()),
+    ("stop", pa.list_(pa.string())), ("presence_penalty", pa.float64()), ("frequency_penalty", pa.float64()),
+    ("response_format", pa.string()),  # pipelines.structured.StructuredOutput.to_json()
+])
+
 # Columns every block carries besides the carried input columns.
 BLOCK_SCHEMA = pa.schema(
     [
@@ -46,7 +53,7 @@ BLOCK_SCHEMA = pa.schema(
         ("_prompt", pa.string()),
         ("_error_type", pa.string()),
         ("_error", pa.string()),
-        ("_request", pa.string()),
+        ("_request", REQUEST_TYPE),
     ]
 )
 
@@ -298,7 +305,7 @@ def _read_jsonl(shard: Shard, config: ReadConfig) -> list[dict[str, Any]]:
                 rows.append(error)
                 continue
         row = _data_row(shard, row_number, record, config)
-        row["_request"] = json.dumps(overrides) if overrides else None
+        row["_request"] = overrides or None
         rows.append(row)
     return rows
 
@@ -385,6 +392,14 @@ def _describe_value(value: Any) -> dict[str, str]:
     return {"$missing": "column"} if value is _MISSING else {"$type": type(value).__name__}
 
 
+def _typed_request(overrides: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A request's overrides in REQUEST_TYPE's shape."""
+    if overrides is None:
+        return None
+    response_format = overrides.get("response_format")
+    return {**overrides, "response_format": None if response_format is None else response_format.to_json()}
+
+
 def _to_block(shard: Shard, rows: list[dict[str, Any]], config: ReadConfig) -> pa.Table:
     count = len(rows)
     columns: dict[str, pa.Array] = {
@@ -396,7 +411,7 @@ def _to_block(shard: Shard, rows: list[dict[str, Any]], config: ReadConfig) -> p
         "_prompt": pa.array([r["_prompt"] for r in rows], pa.string()),
         "_error_type": pa.array([r["_error_type"] for r in rows], pa.string()),
         "_error": pa.array([r["_error"] for r in rows], pa.string()),
-        "_request": pa.array([r.get("_request") for r in rows], pa.string()),
+        "_request": pa.array([_typed_request(r.get("_request")) for r in rows], REQUEST_TYPE),
     }
     for column in config.carry_columns:
         values = [r.get(column) for r in rows]

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import io
 import json
-import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -19,6 +17,7 @@ from qwen_batch.pipelines.stage import Stage
 from qwen_batch.schemas.results import RESULT_SCHEMA, CommitRecord, Totals
 
 COMMITS_DIR = "_commits"
+ANSWERED_ERROR = "invalid_structured_output"
 OPENAI_DIR = "_openai"
 
 
@@ -56,7 +55,6 @@ class WriteConfig:
     output_per_mtok: float
     carry_columns: tuple[str, ...]
     run_id: str
-    response_format: dict[str, Any] | None = None
     openai_output: bool = False
     job_id: str = ""
 
@@ -73,6 +71,7 @@ class WriteStage(Stage):
         "generated_text": "decoded answer",
         "reasoning_text": "decoded reasoning block, or null",
         "reasoning_tokens": "tokens of the reasoning block",
+        "parsed": "the answer when it satisfied the row's response format, else null",
         "completion_token_ids": "token ids the engine generated",
         "finish_reason": "`stop`, `length`, or `error`",
         "_skip": "true for rows another model of the job answers",
@@ -80,7 +79,8 @@ class WriteStage(Stage):
         "cached_tokens": "prompt tokens from the prefix cache",
         "_error_type": "error class, or null",
         "_error": "error message, or null",
-        "_engine_seconds": "generate wall time of the shard",
+        "_engine_seconds": "the row's share of the engine's busy time",
+        "_batch_seconds": "engine busy time the row spent in the running batch",
     }
     produces = {
         "shard_id": "committed shard", "committed": "false if an earlier writer had committed it",
@@ -110,7 +110,7 @@ class WriteStage(Stage):
         commit_url = config.layout.commit_url(config.variant, shard)
         if storage.exists(commit_url, config.storage_options):
             # A retry of a shard that is already committed: its file is final, never rewrite it.
-            return shard, False, Totals.of_table(table, engine_seconds=0.0)
+            return shard, False, Totals.of_table(table)
         data_file = None
         if table.num_rows:
             buffer = io.BytesIO()
@@ -123,7 +123,8 @@ class WriteStage(Stage):
                                 for row in table.to_pylist())
                 storage.write_bytes(config.layout.openai_file(config.variant, shard), lines.encode(),
                                     config.storage_options)
-        totals = Totals.of_table(table, engine_seconds=float(pc.max(rows.column("_engine_seconds")).as_py()))
+        totals = Totals.of_table(table, engine_seconds=float(pc.sum(rows.column("_engine_seconds")).as_py() or 0.0),
+                                 batch_seconds=float(pc.sum(rows.column("_batch_seconds")).as_py() or 0.0))
         record = CommitRecord(
             shard_id=shard, variant=config.variant, data_file=data_file, source_file=source_file, row_start=row_start,
             row_count=table.num_rows, run_id=config.run_id,
@@ -152,24 +153,22 @@ def results_table(block: pa.Table, config: WriteConfig) -> pa.Table:
     cost even when their answer then fails validation, because those tokens were spent.
     """
     count = block.num_rows
-    failed = pc.is_valid(block.column("_error_type"))
+    # Rows the engine answered keep their tokens even when the answer then failed its format check.
+    failed = pc.and_kleene(pc.is_valid(block.column("_error_type")),
+                           pc.not_equal(block.column("_error_type"), ANSWERED_ERROR))
     prompt_tokens = pc.if_else(failed, 0, block.column("prompt_tokens"))
     completion_tokens = pc.if_else(failed, 0, pc.list_value_length(block.column("completion_token_ids")))
     completion_tokens = pc.cast(completion_tokens, pa.int64())
     input_cost = _cost(prompt_tokens, config.input_per_mtok)
     output_cost = _cost(completion_tokens, config.output_per_mtok)
     text = pc.if_else(failed, pa.scalar(None, pa.string()), block.column("generated_text"))
-    formats = [json.loads(request).get("response_format", config.response_format) if request else
-               config.response_format for request in block.column("_request").to_pylist()]
-    parsed, error_types, errors = _validate(text.to_pylist(), block.column("_error_type").to_pylist(),
-                                            block.column("_error").to_pylist(), formats)
     columns = {
         "id": block.column("id"),
         "variant": pa.array([config.variant] * count, pa.string()),
         "model": pa.array([config.model] * count, pa.string()),
         "generated_text": text,
         "reasoning_text": pc.if_else(failed, pa.scalar(None, pa.string()), block.column("reasoning_text")),
-        "parsed": pa.array(parsed, pa.string()),
+        "parsed": block.column("parsed"),
         "finish_reason": pc.if_else(failed, "error", block.column("finish_reason")),
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
@@ -179,8 +178,8 @@ def results_table(block: pa.Table, config: WriteConfig) -> pa.Table:
         "input_cost_usd": input_cost,
         "output_cost_usd": output_cost,
         "cost_usd": pc.add(input_cost, output_cost),
-        "error_type": pa.array(error_types, pa.string()),
-        "error": pa.array(errors, pa.string()),
+        "error_type": block.column("_error_type"),
+        "error": block.column("_error"),
         "source_file": block.column("source_file"),
         "source_row": block.column("source_row"),
     }
@@ -188,47 +187,6 @@ def results_table(block: pa.Table, config: WriteConfig) -> pa.Table:
     for name in config.carry_columns:
         table = table.append_column(name, block.column(name))
     return table
-
-
-def _validate(texts: list[str | None], error_types: list[str | None], errors: list[str | None],
-              formats: list[dict[str, Any] | None]) -> tuple[list[str | None], list[str | None], list[str | None]]:
-    """`parsed` per row, and error rows for answers that do not satisfy their row's response format."""
-    parsed: list[str | None] = [None] * len(texts)
-    error_types, errors = list(error_types), list(errors)
-    for index, (text, response_format) in enumerate(zip(texts, formats)):
-        if text is None or response_format is None:
-            continue
-        value, problem = parse_structured(text, response_format)
-        if problem is None:
-            parsed[index] = value
-        else:
-            error_types[index], errors[index] = "invalid_structured_output", problem
-    return parsed, error_types, errors
-
-
-def parse_structured(text: str, response_format: dict[str, Any]) -> tuple[str | None, str | None]:
-    """(validated value, None) or (None, why the answer does not satisfy the response format)."""
-    if "labels" in response_format:
-        label = text.strip()
-        if label in response_format["labels"]:
-            return label, None
-        return None, f"answer {text[:80]!r} is not one of the labels {response_format['labels']}"
-    if "regex" in response_format:
-        if re.fullmatch(response_format["regex"], text):
-            return text, None
-        return None, f"answer {text[:80]!r} does not match the regex {response_format['regex']!r}"
-    from jsonschema import Draft202012Validator
-
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        return None, f"answer is not complete JSON ({exc.msg} at column {exc.colno}); raise max_tokens if it was cut off"
-    if "json_object" in response_format:
-        return (text, None) if isinstance(value, dict) else (None, "answer is JSON but not an object")
-    problems = sorted(Draft202012Validator(response_format["json_schema"]).iter_errors(value), key=str)
-    if problems:
-        return None, f"answer does not satisfy the JSON schema: {problems[0].message}"
-    return text, None
 
 
 def _cost(tokens: pa.ChunkedArray, per_mtok: float) -> pa.ChunkedArray:

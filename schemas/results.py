@@ -51,7 +51,13 @@ class Totals(BaseModel):
     input_cost_usd: float = Field(0.0, description="Sum of `input_cost_usd`.")
     output_cost_usd: float = Field(0.0, description="Sum of `output_cost_usd`.")
     cost_usd: float = Field(0.0, description="Sum of `cost_usd`: the list-price cost of the rows on a hosted API.")
-    engine_seconds: float = Field(0.0, description="Seconds engines spent generating these rows (wall time per batch).")
+    engine_seconds: float = Field(
+        0.0, description="Engine busy seconds spent on these rows: each engine step's time split among the rows in it."
+    )
+    batch_seconds: float = Field(
+        0.0, description="Engine busy seconds each row spent in the running batch, summed over rows; divided by "
+        "`engine_seconds` it is the engine's mean running batch size."
+    )
     parsed_rows: int = Field(0, description="Rows whose answer satisfied the response format (`parsed` set).")
     errors_by_type: dict[str, int] = Field(default_factory=dict, description="Error rows per `error_type`.")
     finish_reasons: dict[str, int] = Field(default_factory=dict, description="Rows per `finish_reason`.")
@@ -64,7 +70,7 @@ class Totals(BaseModel):
         return Totals(**summed)
 
     @classmethod
-    def of_table(cls, table: pa.Table, engine_seconds: float) -> Totals:
+    def of_table(cls, table: pa.Table, engine_seconds: float = 0.0, batch_seconds: float = 0.0) -> Totals:
         """Sums over one shard's output table."""
         column = table.column
         sums = {name: int(pa.compute.sum(column(name)).as_py() or 0)
@@ -76,7 +82,7 @@ class Totals(BaseModel):
         return cls(
             rows=table.num_rows, rows_ok=table.num_rows - failed, rows_failed=failed, **sums, **costs,
             parsed_rows=table.num_rows - table.column("parsed").null_count,
-            engine_seconds=engine_seconds, errors_by_type=dict(errors),
+            engine_seconds=engine_seconds, batch_seconds=batch_seconds, errors_by_type=dict(errors),
             finish_reasons=dict(Counter(column("finish_reason").to_pylist())),
         )
 
@@ -138,8 +144,12 @@ class JobManifest(BaseModel):
     bad_files: list[str] = Field(default_factory=list, description="Input files skipped as unreadable (`on_bad_file: skip`).")
     runs: list[RunRecord] = Field(description="Every run that worked on this output, oldest first.")
     wall_seconds: float = Field(description="Wall time summed over runs.")
-    engine_seconds: float = Field(description="Seconds engines spent generating, summed over shards.")
+    engine_seconds: float = Field(description="Engine busy seconds, summed over engines.")
     output_tokens_per_s: float = Field(description="Completion tokens per engine-second.")
+    mean_running_batch: float = Field(
+        0.0, description="Rows in an engine's running batch, averaged over its busy time: low values while shards "
+        "remain mean the engine was starved."
+    )
     structured_validity_rate: float | None = Field(
         description="With a response format: share of answered rows whose answer satisfied it; else None."
     )

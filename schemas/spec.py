@@ -258,9 +258,6 @@ class ResourcesSpec(_Strict):
     cpus_per_replica: float = Field(
         1.0, gt=0, description="Ray CPUs each engine actor asks for (on CPU engines the compute is the whole node)."
     )
-    batches_in_flight: int = Field(
-        2, ge=1, description="Shards queued at each engine so the next one is ready when a batch finishes."
-    )
 
 
 class EngineSpec(_Strict):

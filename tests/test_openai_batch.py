@@ -10,6 +10,7 @@ import pytest
 
 from qwen_batch.jobs.driver import run_job
 from qwen_batch.pipelines.openai_batch import parse_request, response_line
+from qwen_batch.pipelines.structured import StructuredOutput
 from qwen_batch.schemas.errors import RowError
 from qwen_batch.schemas.spec import load_spec
 
@@ -42,7 +43,8 @@ def test_guide_request_line_parses_to_messages_model_and_overrides():
 
 def test_request_fields_become_sampling_and_response_format_overrides():
     _, overrides = parse_request(json.loads(MORE_LINES[0]))
-    assert overrides == {"max_tokens": 20, "temperature": 0, "response_format": {"json_schema": SCHEMA}}
+    assert overrides == {"max_tokens": 20, "temperature": 0,
+                         "response_format": StructuredOutput("json_schema", json_schema=SCHEMA)}
 
 
 @pytest.mark.parametrize("line,message", [

@@ -13,11 +13,13 @@ from qwen_batch.cluster.planner import (
     GPU_TYPES,
     embedding_params,
     estimate_run,
+    feeding_throughput,
     kv_bytes_per_token,
+    lognormal_lengths,
     plan_variant,
     weight_bytes,
 )
-from qwen_batch.schemas.catalog import CATALOG
+from qwen_batch.schemas.catalog import CATALOG, get_variant
 from qwen_batch.schemas.errors import SpecError
 
 GIB = 2**30
@@ -200,3 +202,22 @@ def test_estimate_refuses_a_plan_for_another_gpu_type():
     plan = plan_variant(CATALOG["qwen2.5-7b-instruct"], H100, gpus=1, max_model_len=4_096)
     with pytest.raises(ValueError, match="h100-80gb"):
         estimate_run(plan, L4, rows=1, prompt_tokens_per_row=10, output_tokens_per_row=10)
+
+
+def test_continuous_feeding_keeps_the_batch_full_where_shard_by_shard_feeding_drains() -> None:
+    variant, gpu = get_variant("qwen2.5-7b-instruct"), GPU_TYPES["h100-80gb"]
+    plan = plan_variant(variant, gpu, 1, 4096, 0.9)
+    long_tail = lognormal_lengths(5000, median=45, sigma=1.5, cap=2048, seed=1)
+    continuous = feeding_throughput(plan, gpu, long_tail, 200, 1024)
+    per_shard = feeding_throughput(plan, gpu, long_tail, 200, 1024, rows_per_shard=512)
+    assert continuous > 4 * per_shard
+    # With one length for every row nothing drains early: both feedings decode at the same rate.
+    same = [round(sum(long_tail) / len(long_tail))] * len(long_tail)
+    assert feeding_throughput(plan, gpu, same, 200, 1024, rows_per_shard=1024) == pytest.approx(
+        feeding_throughput(plan, gpu, same, 200, 1024), rel=0.02)
+
+
+def test_lognormal_lengths_are_deterministic_and_capped() -> None:
+    lengths = lognormal_lengths(4096, median=24, sigma=1.0, cap=400, seed=3)
+    assert lengths == lognormal_lengths(4096, median=24, sigma=1.0, cap=400, seed=3)
+    assert min(lengths) >= 1 and max(lengths) == 400 and 20 <= sorted(lengths)[2048] <= 28

@@ -64,7 +64,9 @@ def engine_block(rows: list[dict[str, Any]] = ROWS, shard: str = SHARD, first_ro
         "finish_reason": pa.array([row["finish_reason"] for row in rows], pa.string()),
         "prompt_tokens": pa.array([row["prompt_tokens"] for row in rows], pa.int64()),
         "cached_tokens": pa.array([row["cached_tokens"] for row in rows], pa.int64()),
-        "_engine_seconds": pa.array([2.5] * count, pa.float64()),
+        "parsed": pa.array([None] * count, pa.string()),
+        "_engine_seconds": pa.array([0.5] * count, pa.float64()),
+        "_batch_seconds": pa.array([1.5] * count, pa.float64()),
     }
     assert list(engine_columns) == ["prompt_token_ids", "_skip", *EngineStage.produces]
     for name, values in engine_columns.items():
@@ -156,7 +158,7 @@ def test_write_stage_writes_the_shard_file_and_a_commit_record(tmp_path: Path) -
     record = read_commit((output / COMMITS_DIR / VARIANT / f"{SHARD}.json").read_bytes())
     assert (record.shard_id, record.variant, record.data_file) == (SHARD, VARIANT, f"{VARIANT}/part-{SHARD}.parquet")
     assert (record.source_file, record.row_start, record.row_count, record.run_id) == ("/data/in.jsonl", 40, 5, "run-1")
-    assert record.totals == Totals.of_table(results_table(block, config), engine_seconds=2.5)
+    assert record.totals == Totals.of_table(results_table(block, config), engine_seconds=2.5, batch_seconds=7.5)
     assert summary.to_pylist() == [{
         "shard_id": SHARD, "committed": True, "rows": 5, "rows_failed": 2, "completion_tokens": 78 + 256 + 1,
         "cost_usd": record.totals.cost_usd,
