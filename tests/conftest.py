@@ -10,6 +10,13 @@ import pytest
 from s3server import S3Server  # tests/ is on sys.path: pytest puts conftest folders there
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests that use the `cluster` fixture of their module start a Ray cluster of their own: mark them so."""
+    for item in items:
+        if "cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.cluster)
+
+
 @pytest.fixture(scope="session")
 def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     """A running SeaweedFS S3 server with one bucket; the AWS_* client variables point at it for the session."""

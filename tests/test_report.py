@@ -298,6 +298,7 @@ def chromium(tmp_path: Path, *args: str) -> str:
     return subprocess.run(command, capture_output=True, text=True, timeout=120, check=True).stdout
 
 
+@pytest.mark.browser
 @needs_chromium
 def test_report_renders_in_a_headless_browser(job: Path, tmp_path: Path) -> None:
     page = Path(write_report(str(job)))
@@ -311,6 +312,7 @@ def test_report_renders_in_a_headless_browser(job: Path, tmp_path: Path) -> None
     assert plotted.get(tuple(int(COLORS[0][i:i + 2], 16) for i in (1, 3, 5)), 0) > 2000, "no plot bars on screen"
 
 
+@pytest.mark.browser
 @needs_chromium
 def test_figures_survive_the_browser_dom(job: Path, tmp_path: Path) -> None:
     page = Path(write_report(str(job)))
