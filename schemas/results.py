@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any
+from typing import Any, Literal
 
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
@@ -120,6 +120,25 @@ class RunRecord(BaseModel):
     shards_committed: int = Field(description="Shards this run committed.")
     accelerators: int = Field(description="Accelerators (GPUs, or CPU engines) the run's engines held.")
     accelerator_seconds: float = Field(description="Accelerators x seconds the engines were held.")
+    outcome: Literal["running", "finished", "failed", "interrupted"] = Field(
+        "finished", description="How the run ended: `running` is what the heartbeat writes while it runs, and stays "
+        "if the driver was killed outright (SIGKILL); `failed` when an error stopped it, `interrupted` on Ctrl-C or a "
+        "stop signal."
+    )
+    error: str | None = Field(None, description="With `failed`: the error that stopped the run, secrets redacted.")
+
+
+class LeaseRecord(BaseModel):
+    """A run's hold on its output folder (`_lease/<generation>.json`): while live, no other run writes there."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    run_id: str = Field(description="Run holding the lease.")
+    host: str = Field(description="Host name of the holder's driver.")
+    pid: int = Field(description="Process id of the holder's driver on that host.")
+    since: str = Field(description="UTC time the lease was taken, ISO 8601.")
+    renewed_at: str = Field(description="UTC time of the holder's last heartbeat, ISO 8601.")
+    expires_at: str = Field(description="UTC time after which, without a heartbeat, the lease is free, ISO 8601.")
 
 
 class JobManifest(BaseModel):

@@ -10,13 +10,19 @@ import re
 import string
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 from qwen_batch.schemas.catalog import CATALOG, _closest_hint
 from qwen_batch.schemas.errors import SpecError
+from qwen_batch.schemas.results import RESULT_COLUMNS
+
+# Columns the pipeline itself puts next to the carried ones: every name starting with `_`, the output columns, and
+# the engine's token id lists. A carried column of the same name would overwrite one of them.
+PIPELINE_COLUMNS = RESULT_COLUMNS | {"prompt_token_ids", "completion_token_ids"}
 
 
 class _Strict(BaseModel):
@@ -38,7 +44,8 @@ class InputSpec(_Strict):
         "under the input folder and the row's 0-based position in the file.",
     )
     carry_columns: list[str] = Field(
-        default_factory=list, description="Input columns copied unchanged into every output row."
+        default_factory=list, description="Input columns copied unchanged into every output row; not a name starting "
+        "with `_` nor one of the output columns (`id`, `source_file`, ...), which the pipeline uses itself."
     )
     rows_per_shard: int = Field(
         512,
@@ -56,6 +63,22 @@ class InputSpec(_Strict):
         description="Options passed to fsspec for the input (e.g. `endpoint_url`). Prefer credentials from the "
         "environment; any secret given here is redacted from the manifest.",
     )
+
+    @field_validator("carry_columns")
+    @classmethod
+    def _carry_columns(cls, columns: list[str]) -> list[str]:
+        problems = []
+        internal = [c for c in dict.fromkeys(columns) if c.startswith("_") or c in PIPELINE_COLUMNS]
+        if internal:
+            problems.append(f"{internal} are the pipeline's own column names (names starting with `_`, the output "
+                            "columns such as `id` and `source_file`, and the engine's token ids); rename the input "
+                            "column, or use input.id_column for the row id")
+        repeated = sorted({c for c in columns if columns.count(c) > 1})
+        if repeated:
+            problems.append(f"{repeated} appear more than once; name each column once")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return columns
 
 
 class PromptSpec(_Strict):
@@ -213,12 +236,23 @@ class SamplingSpec(_Strict):
     """How tokens are drawn; unset fields take the variant's recommended values."""
 
     max_tokens: int = Field(256, gt=0, description="Most tokens generated per row; a row that hits it ends with `length`.")
-    temperature: float | None = Field(None, ge=0, description="Softmax temperature; 0 is greedy.")
-    top_p: float | None = Field(None, gt=0, le=1, description="Nucleus sampling mass, in (0, 1].")
+    # The ranges are vLLM's own (vllm/sampling_params.py, SamplingParams._verify_args): a value outside them would
+    # fail every row in the engine.
+    temperature: float | None = Field(
+        None, ge=0, le=2, allow_inf_nan=False, description="Softmax temperature, in [0, 2]; 0 is greedy."
+    )
+    top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False, description="Nucleus sampling mass, in (0, 1].")
     top_k: int | None = Field(None, description="Keep only the k most likely tokens; -1 keeps all.")
-    repetition_penalty: float | None = Field(None, gt=0, description="Penalty on repeated tokens; 1.0 is none.")
-    seed: int | None = Field(0, description="Base seed; each row's seed derives from it and the row id, so reruns repeat.")
-    stop: list[str] = Field(default_factory=list, description="Strings that end generation (not included in the text).")
+    repetition_penalty: float | None = Field(
+        None, gt=0, allow_inf_nan=False, description="Penalty on repeated tokens, a finite number > 0; 1.0 is none."
+    )
+    seed: int | None = Field(
+        0, ge=-(2**63), lt=2**63,
+        description="Base seed, a 64-bit integer; each row's seed derives from it and the row id, so reruns repeat.",
+    )
+    stop: list[Annotated[str, Field(min_length=1)]] = Field(
+        default_factory=list, description="Non-empty strings that end generation (not included in the text)."
+    )
 
     @field_validator("top_k")
     @classmethod
@@ -231,7 +265,10 @@ class SamplingSpec(_Strict):
 class OutputSpec(_Strict):
     """Where the results go."""
 
-    path: str = Field(description="Output folder; s3://, gs://, file:// or a local path. One job per folder.")
+    path: str = Field(
+        pattern=r"\S", description="Output folder; s3://, gs://, file:// or a local path. One job per folder; not the "
+        "store's root, not the input nor a folder holding it or inside it."
+    )
     format: Literal["parquet", "openai-batch"] = Field(
         "parquet", description="`openai-batch` also writes `_openai/output.jsonl` in the OpenAI Batch API's output-file "
         "shape (one line per row, `error` set for failed rows), besides the Parquet."
@@ -321,6 +358,9 @@ class JobSpec(_Strict):
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="How much of the cluster the job uses.")
     engine: EngineSpec = Field(default_factory=EngineSpec, description="vLLM engine settings.")
     prices: PricesSpec = Field(default_factory=PricesSpec, description="Price overrides for the cost columns.")
+    # The logical date (`ts`) load_spec filled into {ds}/{ts} placeholders, None when the spec has none: part of the
+    # job's identity, so two slots never share a job id (nor the OpenAI response ids derived from it).
+    _logical_date: str | None = PrivateAttr(None)
 
     @model_validator(mode="after")
     def _prompt(self) -> JobSpec:
@@ -354,13 +394,16 @@ class JobSpec(_Strict):
         return self.models if self.models is not None else [self.model]  # type: ignore[list-item]
 
     def output_hash(self) -> str:
-        """Hash of everything that decides the output rows; resume requires it to match."""
+        """Hash of everything that decides the output rows, the logical date of a scheduled spec included; resume
+        requires it to match."""
         decisive = self.model_dump(
             mode="json",
             include={"input": {"path", "format", "id_column", "carry_columns", "rows_per_shard"}, "prompt": True,
                      "output": {"format"}, "model": True, "models": True, "route_column": True,
                      "response_format": True, "sampling": True, "prices": {"input_per_mtok", "output_per_mtok"}},
         )
+        if self._logical_date is not None:
+            decisive["logical_date"] = self._logical_date
         return hashlib.sha256(json.dumps(decisive, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -385,7 +428,7 @@ def load_spec(source: str | Path | dict[str, Any], logical_date: datetime | None
             raise SpecError(f"{where} is not valid YAML or JSON: {exc}") from None
         if not isinstance(raw, dict):
             raise SpecError(f"{where} must hold a mapping of spec fields, found {type(raw).__name__}")
-    raw, filled, problems = _fill_logical_date(raw, logical_date)
+    raw, filled, problems, slot = _fill_logical_date(raw, logical_date)
     messages = list(problems.values())
     try:
         spec = JobSpec.model_validate(raw)
@@ -402,6 +445,7 @@ def load_spec(source: str | Path | dict[str, Any], logical_date: datetime | None
             messages.append(message)
     if messages:
         raise SpecError(messages)
+    spec._logical_date = slot
     return spec
 
 
@@ -436,10 +480,11 @@ def logical_date_values(logical_date: datetime) -> dict[str, str]:
             "ts_nodash": f"{moment:%Y%m%dT%H%M%S}"}
 
 
-def _fill_logical_date(raw: dict[str, Any],
-                       logical_date: datetime | None) -> tuple[dict[str, Any], dict[str, str], dict[str, str]]:
+def _fill_logical_date(
+    raw: dict[str, Any], logical_date: datetime | None
+) -> tuple[dict[str, Any], dict[str, str], dict[str, str], str | None]:
     """`raw` with the logical date filled into name, input.path and output.path (a copy), the original text of each
-    field it changed, and a problem per field it could not fill."""
+    field it changed, a problem per field it could not fill, and the logical date's `ts` if it filled any."""
     sections = {section: dict(raw[section]) for section in ("input", "output") if isinstance(raw.get(section), dict)}
     raw = {**raw, **sections}
     holders = {"name": (raw, "name"), "input.path": (raw.get("input"), "path"),
@@ -469,7 +514,7 @@ def _fill_logical_date(raw: dict[str, Any],
             holder, key = holders[where]
             holder[key] = text  # type: ignore[index]
             filled[where] = texts[where]
-    return raw, filled, problems
+    return raw, filled, problems, values["ts"] if filled else None
 
 
 def _date_template(text: str) -> list[tuple[str, str | None]]:

@@ -302,3 +302,40 @@ def test_output_hash_is_stable_across_loads(tmp_path: Path) -> None:
 
     assert load_spec(spec_file).output_hash() == load_spec(SPEC).output_hash()
     assert len(load_spec(SPEC).output_hash()) == 16
+
+
+@pytest.mark.parametrize(
+    ("sampling", "expected"),
+    [
+        ({"temperature": 2.5}, "sampling.temperature: found 2.5; Input should be less than or equal to 2"),
+        ({"temperature": float("inf")}, "sampling.temperature: found inf; Input should be a finite number"),
+        ({"top_p": float("nan")}, "sampling.top_p: found nan; Input should be a finite number"),
+        ({"repetition_penalty": float("inf")}, "sampling.repetition_penalty: found inf; Input should be a finite number"),
+        ({"seed": 2**64}, "sampling.seed: found 18446744073709551616; Input should be less than 9223372036854775808"),
+        ({"stop": ["END", ""]}, "sampling.stop.1: found ''; String should have at least 1 character"),
+    ],
+)
+def test_sampling_outside_vllms_own_ranges_is_refused(sampling: dict[str, Any], expected: str) -> None:
+    assert spec_error(changed(sampling=sampling)) == expected
+
+
+def test_pipeline_columns_cover_every_column_a_stage_adds_or_reads() -> None:
+    """A carried column may not take the name of a column the stages use: the reserved set must name them all."""
+    from qwen_batch.pipelines.engine import EngineStage
+    from qwen_batch.pipelines.prompts import PromptStage
+    from qwen_batch.pipelines.read import BLOCK_SCHEMA
+    from qwen_batch.pipelines.write import WriteStage
+    from qwen_batch.schemas.spec import PIPELINE_COLUMNS
+
+    used = {*BLOCK_SCHEMA.names, *PromptStage.requires, *PromptStage.produces, *EngineStage.requires,
+            *EngineStage.produces, *WriteStage.requires}
+    assert {name for name in used if not name.startswith("_")} <= PIPELINE_COLUMNS
+
+
+def test_logical_date_is_part_of_the_job_identity_only_where_placeholders_are() -> None:
+    from datetime import datetime
+
+    dated = changed(output={"path": "s3://b/out/{ds}"})
+    hashes = {day: load_spec(dated, datetime(2026, 11, day)).output_hash() for day in (27, 28)}
+    assert hashes[27] != hashes[28] == load_spec(dated, datetime(2026, 11, 28)).output_hash()
+    assert load_spec(changed()).output_hash() == load_spec(changed(), datetime(2026, 11, 27)).output_hash()
