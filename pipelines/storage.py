@@ -14,12 +14,12 @@ import os
 import posixpath
 import random
 import re
-import tempfile
 import time
+import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import IO, Any, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import botocore.exceptions
 import fsspec
@@ -31,17 +31,22 @@ from qwen_batch.schemas.errors import SpecError
 __all__ = [
     "RETRY_POLICY",
     "FileInfo",
+    "Location",
     "RetryPolicy",
     "concatenate",
     "create_only",
+    "delete_files",
     "delete_prefix",
+    "display_url",
     "exists",
     "filesystem",
     "list_files",
     "list_names",
+    "location",
     "read_bytes",
     "read_file",
     "redact",
+    "redact_text",
     "write_bytes",
 ]
 
@@ -85,16 +90,100 @@ _CONNECTION_ERRORS = (
     TimeoutError,
     asyncio.TimeoutError,
 )
-_SECRET_KEY = re.compile(r"(?i)(key|secret|token(?!s|izer)|password|credential)")
+_SECRET_KEY = re.compile(r"(?i)(key|secret|token(?!s|izer)|password|passwd|credential|authorization|signature)")
+# Query parameters of presigned or SAS URLs that carry a signature or a credential.
+_SIGNED_PARAMETER = re.compile(r"(?i)^(x-amz-(signature|credential|security-token)|x-goog-(signature|credential)|"
+                               r"signature|sig|awsaccesskeyid|access_token|token)$")
+# Secrets recognised by their value wherever they appear in text: credentials in URLs, query-string signatures,
+# Authorization headers, key=value pairs of connection strings, and the shapes of common API tokens.
+_SECRET_VALUES = [
+    (re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s@:]+(?::[^/\s@]*)?@"), r"\1***@"),
+    (re.compile(r"(?i)([?&](?:x-amz-(?:signature|credential|security-token)|x-goog-(?:signature|credential)|"
+                r"signature|sig|awsaccesskeyid|access_token|token)=)[^&\s#\"']+"), r"\1***"),
+    (re.compile(r"(?i)\b(authorization[\"']?\s*[:=]\s*[\"']?)(?:(?:bearer|basic|token)\s+)?[^\s\"',;]+"), r"\1***"),
+    (re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]{8,}"), r"\1 ***"),
+    (re.compile(r"(?i)\b((?:account_?key|shared_?access_?key|shared_?access_?signature|password|passwd|pwd|"
+                r"secret|token)\s*=\s*)[^;&\s\"']+"), r"\1***"),
+    (re.compile(r"\b(?:hf_[A-Za-z0-9]{20,}|sk-[A-Za-z0-9_-]{20,}|gh[pousr]_[A-Za-z0-9]{20,}|github_pat_\w{20,}|"
+                r"xox[abprs]-[A-Za-z0-9-]{10,}|(?:AKIA|ASIA)[0-9A-Z]{16}|"
+                r"eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,})\b"), "***"),
+]
 
 
 @dataclass(frozen=True)
 class FileInfo:
-    """One input file: its full URL, its size in bytes and its path relative to the input root."""
+    """One input file: its full URL, its size in bytes and its path relative to the input root.
+
+    `fingerprint` changes when the file's content does, as far as the store tells: its ETag (or md5 / generation),
+    else its modification time; it is "" where the store gives neither.
+    """
 
     url: str
     size: int
     relpath: str
+    fingerprint: str = field(default="", compare=False)
+
+
+def _fingerprint(entry: dict[str, Any]) -> str:
+    for name in ("ETag", "etag", "md5Hash", "generation", "mtime", "LastModified"):
+        if entry.get(name) not in (None, ""):
+            return f"{name}:{str(entry[name]).strip(chr(34))}"
+    return ""
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where a URL points, normalised for comparison: the store ("" for local files, else `scheme://bucket`) and
+    the path's parts. `file://`, relative and absolute local paths, symlinks, trailing or doubled slashes and `.`
+    or `..` parts all compare equal when they name the same place; a glob is located at its folder part."""
+
+    store: str
+    parts: tuple[str, ...]
+
+    @property
+    def is_root(self) -> bool:
+        """The root of the store: `/` locally, a bucket's root remotely."""
+        return not self.parts
+
+    def contains(self, other: Location) -> bool:
+        """Whether `other` is this location or lies under it."""
+        return self.store == other.store and other.parts[: len(self.parts)] == self.parts
+
+
+_SAME_PROTOCOL = {"s3a": "s3", "s3n": "s3", "gcs": "gs"}
+
+
+def location(url: str) -> Location:
+    """The normalised location of a URL or local path (see Location)."""
+    protocol, path = split_protocol(url)
+    if any(c in path for c in _GLOB_CHARS):
+        path = _static_prefix(path)
+    if protocol in _LOCAL_PROTOCOLS:
+        parts = os.path.realpath(LocalFileSystem._strip_protocol(path or ".")).split("/")
+        return Location("", tuple(part for part in parts if part))
+    bucket, *rest = [part for part in posixpath.normpath("/" + path).split("/") if part] or [""]
+    return Location(f"{_SAME_PROTOCOL.get(protocol, protocol)}://{bucket}", tuple(rest))
+
+
+def display_url(url: str) -> str:
+    """`url` fit to show in messages, logs and output rows: no user:password@ and no presigned query string.
+
+    Local paths are returned unchanged (a `?` is part of a local file name)."""
+    if _is_local(url):
+        return url
+    parts = urlsplit(url)
+    netloc = parts.netloc.rsplit("@", 1)[-1]
+    query = parts.query
+    if query and any(_SIGNED_PARAMETER.match(name) for name, _ in parse_qsl(query, keep_blank_values=True)):
+        query = ""
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def redact_text(text: str) -> str:
+    """`text` with every secret recognisable by its value masked as `***` (see _SECRET_VALUES)."""
+    for pattern, replacement in _SECRET_VALUES:
+        text = pattern.sub(replacement, text)
+    return text
 
 
 def _is_local(url: str) -> bool:
@@ -149,6 +238,7 @@ def _access_problem(url: str, error: BaseException) -> SpecError | None:
     """A SpecError for access problems the user must fix on a remote store; None for anything else."""
     if _is_local(url):
         return None
+    url = display_url(url)
     code, status = _response(error)
     if code == "NoSuchBucket":
         return SpecError(
@@ -194,7 +284,7 @@ def _retried(function: Callable[..., T]) -> Callable[..., T]:
                 delay_s = RETRY_POLICY.delay_s(attempt)
                 logger.warning(
                     "%s(%s) failed with %s (attempt %d of %d); retrying in %.1f s",
-                    function.__name__, url, type(error).__name__, attempt, RETRY_POLICY.attempts, delay_s,
+                    function.__name__, display_url(url), type(error).__name__, attempt, RETRY_POLICY.attempts, delay_s,
                 )  # fmt: skip
                 time.sleep(delay_s)
                 attempt += 1
@@ -211,7 +301,7 @@ def filesystem(url: str, storage_options: dict[str, Any] | None = None) -> tuple
         return url_to_fs(url, **options)
     except (ImportError, ValueError) as error:
         raise SpecError(
-            f"cannot open {url}: {error}; use an s3://, gs://, file:// URL or a local path, "
+            f"cannot open {display_url(url)}: {redact_text(str(error))}; use an s3://, gs://, file:// URL or a local path, "
             "and install the matching fsspec package (s3fs for s3://, gcsfs for gs://)"
         ) from error
 
@@ -245,23 +335,26 @@ def list_files(url: str, storage_options: dict[str, Any] | None = None) -> list[
     fs, path = filesystem(url, storage_options)
     if any(c in path for c in _GLOB_CHARS):
         root, found = _static_prefix(path), fs.glob(path, detail=True)
-        nothing = f"no input files match {url}; check input.path and its pattern"
+        nothing = f"no input files match {display_url(url)}; check input.path and its pattern"
     else:
         try:
             info = fs.info(path)
         except FileNotFoundError as error:
             if _is_missing_bucket(error):
                 raise
-            raise SpecError(f"no input files at {url}: the path does not exist; check input.path") from error
+            raise SpecError(f"no input files at {display_url(url)}: the path does not exist; check input.path") \
+                from error
         if info["type"] != "directory":
-            return [FileInfo(url=_url(fs, info["name"]), size=info["size"], relpath=posixpath.basename(info["name"]))]
+            return [FileInfo(url=_url(fs, info["name"]), size=info["size"], relpath=posixpath.basename(info["name"]),
+                             fingerprint=_fingerprint(info))]
         root, found = path, fs.find(path, detail=True)
         nothing = (
-            f"no input files at {url}: the folder is empty or holds only names starting with _ or .; "
+            f"no input files at {display_url(url)}: the folder is empty or holds only names starting with _ or .; "
             "check input.path"
         )
     files = [
-        FileInfo(url=_url(fs, name), size=entry["size"], relpath=posixpath.relpath(name, root))
+        FileInfo(url=_url(fs, name), size=entry["size"], relpath=posixpath.relpath(name, root),
+                 fingerprint=_fingerprint(entry))
         for name, entry in found.items()
         if _is_file(name, entry)
     ]
@@ -271,12 +364,44 @@ def list_files(url: str, storage_options: dict[str, Any] | None = None) -> list[
     return visible
 
 
+class _WatchedHandle:
+    """A file handle that remembers the first error its store raised, whatever a reader then makes of it."""
+
+    def __init__(self, handle: IO[bytes]):
+        self._handle = handle
+        self.failure: Exception | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self._handle, name)
+        if not callable(attribute):
+            return attribute
+
+        def watched(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return attribute(*args, **kwargs)
+            except Exception as error:
+                self.failure = self.failure or error
+                raise
+
+        return watched
+
+
 @_retried
 def read_file(url: str, reader: Callable[[IO[bytes]], T], storage_options: dict[str, Any] | None = None) -> T:
-    """`reader(handle)` on the open object, the whole read retried on transient errors (for seeking readers)."""
+    """`reader(handle)` on the open object, the whole read retried on transient errors (for seeking readers).
+
+    When reading the handle failed, that storage error is raised (and retried if transient) even if the reader
+    caught it or turned it into its own error (pyarrow reports a lost connection as a corrupt file): an error of
+    `reader` itself comes through only when the store served every byte it asked for."""
     fs, path = filesystem(url, storage_options)
-    with fs.open(path, "rb") as handle:
-        return reader(handle)
+    with fs.open(path, "rb") as opened:
+        handle = _WatchedHandle(opened)
+        try:
+            return reader(handle)  # type: ignore[arg-type]
+        except Exception:
+            if handle.failure is not None:
+                raise handle.failure from None
+            raise
 
 
 @_retried
@@ -333,6 +458,27 @@ def list_names(prefix_url: str, storage_options: dict[str, Any] | None = None) -
 
 
 @_retried
+def delete_files(folder_url: str, urls: list[str], storage_options: dict[str, Any] | None = None) -> None:
+    """Delete the files `urls` (as list_names gives them), each of which must lie under `folder_url`; files already
+    gone are fine. Nothing outside the folder is ever touched: a URL outside it raises ValueError first."""
+    fs, folder = filesystem(folder_url, storage_options)
+    inside = location(folder_url)
+    outside = [url for url in urls if location(url) == inside or not inside.contains(location(url))]
+    if outside:
+        raise ValueError(f"refusing to delete {len(outside)} file(s) outside {display_url(folder_url)}, e.g. "
+                         f"{display_url(outside[0])}")
+    paths = [filesystem(url, storage_options)[1] for url in urls]
+    if isinstance(fs, LocalFileSystem):
+        for path in paths:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+    elif paths:
+        fs.rm(paths)
+
+
+@_retried
 def delete_prefix(url: str, storage_options: dict[str, Any] | None = None) -> None:
     """Remove everything under a folder or prefix; nothing there is fine."""
     fs, path = filesystem(url, storage_options)
@@ -381,10 +527,12 @@ def _create_only_local(path: str, data: bytes) -> bool:
 def _publish_local(path: str, data: bytes, publish: Callable[[str, str], None]) -> None:
     """Write `data` beside `path`, then `publish(temporary, path)`: os.replace to overwrite, os.link to create only.
 
-    Either way no reader ever sees a partly written file under `path`."""
+    Either way no reader ever sees a partly written file under `path`. The file gets the mode the umask gives a new
+    file (0666 & ~umask), like any file `open` creates; mkstemp's 0600 would hide the output from a job's readers."""
     folder = os.path.dirname(path)
     os.makedirs(folder, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(dir=folder, prefix=".write-")
+    temporary = os.path.join(folder, f".write-{uuid.uuid4().hex}")
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(descriptor, "wb") as handle:
             handle.write(data)
@@ -395,7 +543,8 @@ def _publish_local(path: str, data: bytes, publish: Callable[[str, str], None]) 
 
 
 def redact(obj: Any) -> Any:
-    """A copy of a dict/list structure with the values of secret-looking keys (key, secret, token...) as "***".
+    """A copy of a dict/list structure with the values of secret-looking keys (key, secret, token...) as "***" and
+    secrets recognisable by their value masked in every string (redact_text).
 
     `max_tokens`, `prompt_tokens` and `tokenizer` are not secrets and are kept.
     """
@@ -406,4 +555,6 @@ def redact(obj: Any) -> Any:
         }
     if isinstance(obj, (list, tuple)):
         return [redact(value) for value in obj]
+    if isinstance(obj, str):
+        return redact_text(obj)
     return obj

@@ -123,15 +123,132 @@ def test_write_bytes_creates_local_parents_and_overwrites(tmp_path: Path) -> Non
     assert Path(url).read_bytes() == b"second"
 
 
-def test_exists_list_names_and_delete_prefix_on_local_folders(tmp_path: Path) -> None:
+def test_exists_list_names_and_delete_files_on_local_folders(tmp_path: Path) -> None:
     storage.write_bytes(f"{tmp_path}/out/a", b"1")
     storage.write_bytes(f"{tmp_path}/out/sub/_b", b"2")
+    storage.write_bytes(f"{tmp_path}/out2/c", b"sibling")
     assert storage.exists(f"{tmp_path}/out/a") and not storage.exists(f"{tmp_path}/out/zzz")
-    assert storage.list_names(f"{tmp_path}/out") == [f"{tmp_path}/out/a", f"{tmp_path}/out/sub/_b"]
+    names = storage.list_names(f"{tmp_path}/out")
+    assert names == [f"{tmp_path}/out/a", f"{tmp_path}/out/sub/_b"]
     assert storage.list_names(f"{tmp_path}/absent") == []
-    storage.delete_prefix(f"{tmp_path}/out")
-    storage.delete_prefix(f"{tmp_path}/absent")
+    storage.delete_files(f"{tmp_path}/out", names)
+    storage.delete_files(f"{tmp_path}/out", names)  # already gone is fine
     assert storage.list_names(f"{tmp_path}/out") == []
+    assert storage.list_names(f"{tmp_path}/out2") == [f"{tmp_path}/out2/c"]
+
+
+@pytest.mark.parametrize("outside", ["<root>/out2/c", "<root>/out", "<root>/c", "<root>/out/../c"])
+def test_delete_files_refuses_anything_outside_the_folder(tmp_path: Path, outside: str) -> None:
+    storage.write_bytes(f"{tmp_path}/out/a", b"1")
+    storage.write_bytes(f"{tmp_path}/out2/c", b"2")
+    storage.write_bytes(f"{tmp_path}/c", b"3")
+
+    with pytest.raises(ValueError, match=f"refusing to delete 1 file\\(s\\) outside {tmp_path}/out"):
+        storage.delete_files(f"{tmp_path}/out", [f"{tmp_path}/out/a", outside.replace("<root>", str(tmp_path))])
+
+    assert len(storage.list_names(str(tmp_path))) == 3  # nothing deleted, not even the file inside
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+@pytest.mark.parametrize("write", ["write_bytes", "create_only"])
+def test_local_files_get_the_mode_the_umask_gives(tmp_path: Path, umask: int, write: str) -> None:
+    previous = os.umask(umask)
+    try:
+        getattr(storage, write)(f"{tmp_path}/out/f.json", b"{}")
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "out" / "f.json").stat().st_mode & 0o777 == 0o666 & ~umask
+    assert os.listdir(tmp_path / "out") == ["f.json"]
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "inside"),
+    [
+        ("<root>/data", "<root>/data/", True),
+        ("<root>/data", "file://<root>/data", True),
+        ("<root>/data", "<root>//data/./out", True),
+        ("<root>/data", "<root>/data/out/../in", True),
+        ("<root>/data", "<root>/database", False),
+        ("<root>/data/*.jsonl", "<root>/data/out", True),
+        ("<root>/data/x.jsonl", "<root>/data/out", False),
+        ("s3://b/data", "s3://b/data//out/", True),
+        ("s3://b/data", "s3a://b/data/out", True),
+        ("s3://b/data", "s3://b/database", False),
+        ("s3://b/data", "s3://c/data", False),
+        ("s3://b/data", "gs://b/data", False),
+    ],
+)
+def test_location_compares_normalised_urls(tmp_path: Path, first: str, second: str, inside: bool) -> None:
+    outer, inner = (storage.location(url.replace("<root>", str(tmp_path))) for url in (first, second))
+    assert outer.contains(inner) is inside
+
+
+def test_location_of_a_relative_path_is_the_absolute_one_and_follows_symlinks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    monkeypatch.chdir(tmp_path)
+    assert storage.location("real/out") == storage.location(f"{tmp_path}/link/out/")
+
+
+@pytest.mark.parametrize("url", ["/", "file:///", "/tmp/..", "s3://bucket", "s3://bucket/", "gs://bucket//"])
+def test_location_roots(url: str) -> None:
+    assert storage.location(url).is_root
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("https://user:pa55@host.example/data/a.jsonl", "https://host.example/data/a.jsonl"),
+        ("https://b.s3.amazonaws.com/a.jsonl?X-Amz-Algorithm=AWS4&X-Amz-Credential=AKIA%2F&X-Amz-Signature=f00d",
+         "https://b.s3.amazonaws.com/a.jsonl"),
+        ("https://acct.blob.core.windows.net/c/a.csv?sv=2024&sig=abc%3D", "https://acct.blob.core.windows.net/c/a.csv"),
+        ("s3://b/k.parquet?versionId=7", "s3://b/k.parquet?versionId=7"),
+        ("/data/what?.jsonl", "/data/what?.jsonl"),
+    ],
+)
+def test_display_url_drops_credentials_and_signatures(url: str, shown: str) -> None:
+    assert storage.display_url(url) == shown
+
+
+@pytest.mark.parametrize(
+    "secret",
+    [
+        "postgresql://app:hunter2-9f@db.internal:5432/x", "Authorization: Bearer abcdefghijklmnop",
+        "DefaultEndpointsProtocol=https;AccountName=a;AccountKey=c2VjcmV0LWtleQ==;EndpointSuffix=core.windows.net",
+        "hf_AbCdEfGhIjKlMnOpQrStUv12", "sk-proj-abcdefghijklmnopqrstuvwx", "ghp_abcdefghijklmnopqrstuvwxyz0123",
+        "AKIAABCDEFGHIJKLMNOP", "https://h/x?X-Amz-Security-Token=tok123&a=1",
+        "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0In0.c2lnbmF0dXJlLXZhbHVl",
+    ],
+)
+def test_redact_masks_secrets_recognised_by_value(secret: str) -> None:
+    hidden = {"postgresql://app:hunter2-9f@": "hunter2-9f", "Authorization": "abcdefghijklmnop",
+              "Default": "c2VjcmV0LWtleQ==", "https://h/x": "tok123"}
+    value = next((v for k, v in hidden.items() if secret.startswith(k)), secret)
+    redacted = storage.redact({"engine": {"env": {"SOME_SETTING": f"x {secret} y"}}, "list": [secret]})
+    assert value not in str(redacted)
+    assert "***" in redacted["engine"]["env"]["SOME_SETTING"] and redacted["list"][0] != secret
+
+
+def test_redact_keeps_ordinary_values() -> None:
+    spec = {"path": "s3://b/in/*.jsonl", "template": "Q: {text}", "max_tokens": 5, "stop": ["token=", "\n"],
+            "url": "https://host/a.jsonl?page=2"}
+    assert storage.redact(spec) == spec
+
+
+def test_read_file_raises_the_storage_error_a_reader_turned_into_its_own(tmp_path: Path) -> None:
+    (tmp_path / "a.bin").write_bytes(b"x" * 100)
+
+    def reader(handle) -> None:
+        handle._handle.close()  # the store goes away mid-read
+        try:
+            handle.read(1)
+        except ValueError as exc:
+            raise OSError("Corrupt snappy compressed data") from exc  # what pyarrow may make of a lost connection
+
+    with pytest.raises(ValueError, match="closed file"):
+        storage.read_file(str(tmp_path / "a.bin"), reader)
 
 
 def test_create_only_local_creates_once_and_leaves_no_temp_files(tmp_path: Path) -> None:
@@ -222,15 +339,30 @@ def test_read_bytes_reads_ranges_of_s3_objects(s3_root: str) -> None:
 
 
 @pytest.mark.s3
-def test_exists_list_names_and_delete_prefix_on_s3(s3_root: str) -> None:
+def test_exists_list_names_and_delete_files_on_s3(s3_root: str) -> None:
     storage.write_bytes(f"{s3_root}/out/a", b"1")
     storage.write_bytes(f"{s3_root}/out/sub/_b", b"2")
+    storage.write_bytes(f"{s3_root}/out2/c", b"sibling")
+    storage.write_bytes(f"{s3_root}/outx", b"sibling object")
     assert storage.exists(f"{s3_root}/out/a") and not storage.exists(f"{s3_root}/out/zzz")
-    assert storage.list_names(f"{s3_root}/out") == [f"{s3_root}/out/a", f"{s3_root}/out/sub/_b"]
+    names = storage.list_names(f"{s3_root}/out")
+    assert names == [f"{s3_root}/out/a", f"{s3_root}/out/sub/_b"]
     assert storage.list_names(f"{s3_root}/absent") == []
-    storage.delete_prefix(f"{s3_root}/out")
-    storage.delete_prefix(f"{s3_root}/absent")
+    storage.delete_files(f"{s3_root}/out", names)
+    storage.delete_files(f"{s3_root}/out", names)
     assert storage.list_names(f"{s3_root}/out") == []  # SeaweedFS still lists the emptied prefix as a folder
+    assert storage.list_names(s3_root) == [f"{s3_root}/out2/c", f"{s3_root}/outx"]
+
+
+@pytest.mark.s3
+def test_list_files_fingerprints_change_with_the_content(s3_root: str, tmp_path: Path) -> None:
+    for root in (s3_root, str(tmp_path)):
+        storage.write_bytes(f"{root}/in/a.jsonl", b"abc")
+        [before] = storage.list_files(f"{root}/in")
+        os.utime(tmp_path / "in" / "a.jsonl", ns=(1, 1)) if root == str(tmp_path) else None
+        storage.write_bytes(f"{root}/in/a.jsonl", b"xyz")
+        [after] = storage.list_files(f"{root}/in")
+        assert before.size == after.size and before.fingerprint and before.fingerprint != after.fingerprint, root
 
 
 @pytest.mark.s3
