@@ -2,8 +2,9 @@
 
 A shard is an input file plus a row range. Its id hashes the file's relative path, size and range, so a rerun of
 the same job over the same input plans the same ids, which is what resume and exactly-once rest on. Reading is
-lenient per row: a line that is not JSON, a CSV record with the wrong field count or bytes that are not UTF-8 become
-rows with `_error_type` set, never a failed file.
+lenient per row: a line that is not JSON, a CSV record with the wrong field count, bytes that are not UTF-8 or a row
+over MAX_ROW_BYTES become rows with `_error_type` set, never a failed file. Planning and reading find record ends
+with one scanner (_RecordEnds), so they always agree on where each record starts.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import hashlib
 import io
 import json
 import logging
-from collections.abc import Iterable, Iterator
+import re
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -34,6 +36,13 @@ SCAN_CHUNK_BYTES = 16 << 20
 # A shard travels as one Arrow block, which Ray slices when it is far over its target size: a shard must stay well
 # below the block size the pipeline sets (pipelines.pipeline.MAX_BLOCK_BYTES).
 MAX_SHARD_BYTES = 512 << 20
+# The most bytes one JSONL line or CSV record may hold; a longer one becomes a `row_too_large` error row, read past
+# chunk by chunk and never held whole. Python's csv module refuses fields over 128 KiB unless told otherwise.
+MAX_ROW_BYTES = 16 << 20
+csv.field_size_limit(max(csv.field_size_limit(), MAX_ROW_BYTES))
+# Planning checks the columns of a JSONL file on the JSON objects among its first lines.
+COLUMN_SAMPLE_ROWS = 100
+COLUMN_SAMPLE_BYTES = 1 << 20
 
 # A row's own request fields (OpenAI batch), typed once at read time; null fields take the job's values.
 REQUEST_TYPE = pa.struct([
@@ -56,6 +65,24 @@ BLOCK_SCHEMA = pa.schema(
         ("_request", REQUEST_TYPE),
     ]
 )
+
+
+class _BadFile(Exception):
+    """The file cannot be parsed, or changed since it was planned: `input.on_bad_file` decides what happens.
+
+    Only parsing raises it; a storage error (an outage after storage's retries) is never a bad file."""
+
+
+def _parsing(function: Callable[..., Any]) -> Callable[..., Any]:
+    """`function` with the errors a parser raises on a corrupt file turned into _BadFile."""
+
+    def parse(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return function(*args, **kwargs)
+        except (OSError, pa.ArrowException, ValueError) as exc:
+            raise _BadFile(str(exc)) from exc
+
+    return parse
 
 
 @dataclass(frozen=True)
@@ -103,16 +130,17 @@ def plan_shards(spec: InputSpec, files: list[storage.FileInfo]) -> tuple[list[Sh
     for info in files:
         try:
             planned = list(_plan_file(spec, info))
-            _check_shard_sizes(spec, info, planned)
-            shards.extend(planned)
-        except (OSError, pa.ArrowException, ValueError) as exc:
-            if isinstance(exc, SpecError) or spec.on_bad_file == "fail":
+        except (_BadFile, FileNotFoundError) as exc:
+            if spec.on_bad_file == "fail":
                 raise SpecError(
-                    f"input file {info.url} cannot be read as {spec.format}: {exc}. Fix or remove the file, or set "
-                    "input.on_bad_file: skip to record it in the manifest and go on."
+                    f"input file {storage.display_url(info.url)} cannot be read as {spec.format}: {exc}. Fix or "
+                    "remove the file, or set input.on_bad_file: skip to record it in the manifest and go on."
                 ) from None
-            log.warning("skipping unreadable input file %s: %s", info.url, exc)
-            bad_files.append(info.url)
+            log.warning("skipping unreadable input file %s: %s", storage.display_url(info.url), exc)
+            bad_files.append(storage.display_url(info.url))
+            continue
+        _check_shard_sizes(spec, info, planned)
+        shards.extend(planned)
     return shards, bad_files
 
 
@@ -124,7 +152,7 @@ def _check_shard_sizes(spec: InputSpec, info: storage.FileInfo, shards: list[Sha
     per_row = largest.input_bytes / largest.row_count
     fits = max(1, int(MAX_SHARD_BYTES / per_row))
     raise SpecError(
-        f"input file {info.url}: rows {largest.row_start}-{largest.row_start + largest.row_count - 1} make a shard "
+        f"input file {storage.display_url(info.url)}: rows {largest.row_start}-{largest.row_start + largest.row_count - 1} make a shard "
         f"of {largest.input_bytes / (1 << 20):.0f} MiB, over the {MAX_SHARD_BYTES >> 20} MiB a shard may hold (it "
         f"travels as one Ray block). Set input.rows_per_shard to {fits} or less (today {spec.rows_per_shard})."
     )
@@ -133,7 +161,8 @@ def _check_shard_sizes(spec: InputSpec, info: storage.FileInfo, shards: list[Sha
 def _plan_file(spec: InputSpec, info: storage.FileInfo) -> Iterator[Shard]:
     per_shard = spec.rows_per_shard
     if spec.format == "parquet":
-        metadata = storage.read_file(info.url, lambda handle: pq.ParquetFile(handle).metadata, spec.storage_options)
+        metadata = storage.read_file(info.url, _parsing(lambda handle: pq.ParquetFile(handle).metadata),
+                                     spec.storage_options)
         rows = metadata.num_rows
         # Uncompressed bytes per row, the size a shard's columns take once decoded.
         per_row = sum(metadata.row_group(i).total_byte_size for i in range(metadata.num_row_groups)) / max(rows, 1)
@@ -157,38 +186,116 @@ def _chunks(info: storage.FileInfo, options: dict[str, Any], start: int) -> Iter
         yield storage.read_bytes(info.url, options, start=offset, end=min(offset + SCAN_CHUNK_BYTES, info.size))
 
 
+_QUOTE, _COMMA, _NEWLINE = ord('"'), ord(","), ord("\n")
+_CSV_EVENT = re.compile(rb'\n|,"')
+
+
+class _RecordEnds:
+    """Finds where records end in a file read chunk by chunk: at each newline, and with CSV rules (`quoted`) only
+    at one outside a quoted field.
+
+    The CSV rules are Python csv module's: a field is quoted only when it starts with `"`; inside it `""` is a
+    literal quote and the first other `"` closes it; a `"` anywhere else (`5" screen`) is a literal character.
+    """
+
+    def __init__(self, quoted: bool):
+        self.quoted = quoted
+        self.in_quotes = False
+        self.field_start = True
+        self.quote_pending = False  # the last chunk ended on a `"` in a quoted field; the next byte says which kind
+
+    def countable(self, chunk: bytes) -> bool:
+        """Whether every newline in `chunk` ends a record, so a caller may count them instead (then call skip)."""
+        return not self.quoted or not (self.in_quotes or self.quote_pending or b'"' in chunk)
+
+    def skip(self, chunk: bytes) -> None:
+        """Move past a countable chunk without looking for its record ends."""
+        if self.quoted and chunk:
+            self.field_start = chunk[-1] in (_NEWLINE, _COMMA)
+
+    def ends(self, chunk: bytes) -> Iterator[int]:
+        """Offsets in `chunk` just after each record that ends in it."""
+        pos, size = 0, len(chunk)
+        if not self.quoted:
+            while (newline := chunk.find(b"\n", pos)) >= 0:
+                pos = newline + 1
+                yield pos
+            return
+        if self.quote_pending and size:
+            self.quote_pending = False
+            if chunk[0] == _QUOTE:
+                pos = 1
+            else:
+                self.in_quotes = False
+        while pos < size:
+            if self.in_quotes:
+                quote = chunk.find(b'"', pos)
+                if quote < 0:
+                    return
+                if quote + 1 == size:
+                    self.quote_pending = True
+                    return
+                pos = quote + 2 if chunk[quote + 1] == _QUOTE else quote + 1
+                self.in_quotes = chunk[quote + 1] == _QUOTE
+            elif self.field_start and chunk[pos] == _QUOTE:
+                self.in_quotes, self.field_start = True, False
+                pos += 1
+            elif (event := _CSV_EVENT.search(chunk, pos)) is None:
+                self.field_start = chunk[-1] == _COMMA
+                return
+            else:
+                pos = event.end()
+                self.in_quotes, self.field_start = event.group() != b"\n", event.group() == b"\n"
+                if self.field_start:
+                    yield pos
+
+
 def _record_boundaries(chunks: Iterable[bytes], start: int, every: int, quoted: bool) -> Iterator[tuple[int, int]]:
     """(records so far, byte offset after the record) after every `every`-th record and after the last one.
 
-    A record ends at a newline; with `quoted` (CSV) only at a newline outside double quotes, so quoted fields may
-    hold newlines. A final line without a newline is a record too.
+    Records end as _RecordEnds says; a final line without a newline is a record too.
     """
-    offset, records, last_end, in_quotes = start, 0, start, False
+    offset, records, last_end, scanner = start, 0, start, _RecordEnds(quoted)
     for chunk in chunks:
-        pos = 0
-        if not quoted or (not in_quotes and b'"' not in chunk):
+        if scanner.countable(chunk):
             newlines = chunk.count(b"\n")
             if newlines < every - records % every:
                 records += newlines
                 last_end = offset + chunk.rindex(b"\n") + 1 if newlines else last_end
                 offset += len(chunk)
+                scanner.skip(chunk)
                 continue
-        while (newline := chunk.find(b"\n", pos)) >= 0:
-            if quoted and chunk.count(b'"', pos, newline) % 2:
-                in_quotes = not in_quotes
-            pos = newline + 1
-            if not in_quotes:
-                records += 1
-                last_end = offset + pos
-                if records % every == 0:
-                    yield records, last_end
-        if quoted and chunk.count(b'"', pos) % 2:
-            in_quotes = not in_quotes
+        for end in scanner.ends(chunk):
+            records += 1
+            last_end = offset + end
+            if records % every == 0:
+                yield records, last_end
         offset += len(chunk)
     if offset > last_end:
         yield records + 1, offset
     elif records % every:
         yield records, last_end
+
+
+def _records(shard: Shard, config: ReadConfig) -> Iterator[bytes | int]:
+    """The shard's records, each as its bytes (line end included) or, when over MAX_ROW_BYTES, as its size.
+
+    The shard is read a chunk at a time and an oversized record is counted past, never held whole."""
+    scanner = _RecordEnds(quoted=config.format == "csv")
+    pieces: list[bytes] = []
+    held = 0  # bytes of the record read so far
+    for offset in range(shard.byte_start, shard.byte_end, SCAN_CHUNK_BYTES):
+        chunk = storage.read_bytes(shard.file, config.storage_options, offset,
+                                   min(offset + SCAN_CHUNK_BYTES, shard.byte_end))
+        start = 0
+        for end in scanner.ends(chunk):
+            size = held + end - start
+            yield size if size > MAX_ROW_BYTES else b"".join([*pieces, chunk[start:end]])
+            pieces, held, start = [], 0, end
+        held += len(chunk) - start
+        pieces = [*pieces, chunk[start:]] if held <= MAX_ROW_BYTES else []
+    if held:
+        yield held if held > MAX_ROW_BYTES else b"".join(pieces)
 
 
 def _csv_header_end(info: storage.FileInfo, options: dict[str, Any]) -> int:
@@ -197,18 +304,43 @@ def _csv_header_end(info: storage.FileInfo, options: dict[str, Any]) -> int:
         if head[end - 1 : end] == b"\n" or end == info.size:  # not a header cut off at the end of `head`
             return end
         break
-    raise SpecError(f"CSV file {info.url} has no header line; the first line must name the columns")
+    raise SpecError(f"CSV file {storage.display_url(info.url)} has no header line; the first line must name the "
+                    "columns")
 
 
 def input_columns(spec: InputSpec, info: storage.FileInfo) -> list[str] | None:
-    """Column names of one input file from its footer or first record; None where the format has no fixed columns."""
-    if spec.format == "parquet":
-        return storage.read_file(info.url, lambda handle: pq.ParquetFile(handle).schema_arrow.names,
-                                 spec.storage_options)
-    if spec.format == "csv":
-        header = storage.read_bytes(info.url, spec.storage_options, 0, _csv_header_end(info, spec.storage_options))
-        return next(csv.reader(io.StringIO(header.decode("utf-8", "replace"), newline="")))
+    """Column names of one input file: its Parquet footer's, its CSV header's, or the keys of the JSON objects among
+    its first COLUMN_SAMPLE_ROWS lines. None for OpenAI batch files, for a JSONL file with no object in that sample
+    and for a file that cannot be parsed (plan_shards refuses or skips it, as input.on_bad_file says)."""
+    try:
+        if spec.format == "parquet":
+            return storage.read_file(info.url, _parsing(lambda handle: pq.ParquetFile(handle).schema_arrow.names),
+                                     spec.storage_options)
+        if spec.format == "csv":
+            header = storage.read_bytes(info.url, spec.storage_options, 0, _csv_header_end(info, spec.storage_options))
+            return next(csv.reader(io.StringIO(header.decode("utf-8", "replace"), newline="")))
+        if spec.format == "jsonl":
+            return _sampled_keys(storage.read_bytes(info.url, spec.storage_options, 0,
+                                                    min(info.size, COLUMN_SAMPLE_BYTES)), info.size)
+    except (_BadFile, FileNotFoundError):
+        return None
     return None
+
+
+def _sampled_keys(head: bytes, size: int) -> list[str] | None:
+    """Keys of the JSON objects among the first whole lines of `head` (the start of a file of `size` bytes)."""
+    lines = head.split(b"\n")
+    if len(head) < size:
+        lines.pop()  # cut off at the end of the sample
+    keys: dict[str, None] = {}
+    for line in lines[:COLUMN_SAMPLE_ROWS]:
+        try:
+            record = json.loads(line)
+        except (ValueError, RecursionError):
+            continue
+        if isinstance(record, dict):
+            keys.update(dict.fromkeys(record))
+    return list(keys) if keys else None
 
 
 class ShardDatasource(Datasource):
@@ -241,13 +373,13 @@ def read_shard(shard: Shard, config: ReadConfig) -> pa.Table:
     """One shard as a block: one row per input row, bad rows flagged, none dropped."""
     try:
         rows = _READERS[config.format](shard, config)
-    except (OSError, pa.ArrowException, ValueError) as exc:
+    except (_BadFile, FileNotFoundError) as exc:
         if config.on_bad_file == "fail":
             raise RuntimeError(
-                f"input file {shard.file} (rows {shard.row_start}-{shard.row_start + shard.row_count - 1}) cannot be "
-                f"read: {exc}. Fix the file, or set input.on_bad_file: skip to turn its rows into error rows."
+                f"input file {_shown(shard)} (rows {shard.row_start}-{shard.row_start + shard.row_count - 1}) cannot "
+                f"be read: {exc}. Fix the file, or set input.on_bad_file: skip to turn its rows into error rows."
             ) from exc
-        message = f"input file {shard.file} could not be read: {exc}"
+        message = f"input file {_shown(shard)} could not be read: {exc}"
         rows = [_error_row(shard, shard.row_start + i, "bad_file", message) for i in range(shard.row_count)]
     if config.id_column is not None:
         _flag_duplicate_ids(shard, rows)
@@ -263,79 +395,112 @@ def _flag_duplicate_ids(shard: Shard, rows: list[dict[str, Any]]) -> None:
         earlier = first_row.setdefault(row["id"], row["source_row"])
         if earlier != row["source_row"]:
             row.update(_prompt=None, _error_type="duplicate_id",
-                       _error=f"{shard.file} row {row['source_row']}: id {row['id']!r} was already used by row "
+                       _error=f"{_shown(shard)} row {row['source_row']}: id {row['id']!r} was already used by row "
                               f"{earlier}, which is answered; make the ids in the id column unique")
 
 
+def _shown(shard: Shard) -> str:
+    """The shard's file as messages name it."""
+    return storage.display_url(shard.file)
+
+
+def _too_large(shard: Shard, row_number: int, where: str, size: int) -> dict[str, Any]:
+    return _error_row(shard, row_number, "row_too_large", f"{where} is {size} bytes, over the {MAX_ROW_BYTES >> 20} "
+                      "MiB one row may hold; split or shorten it")
+
+
+def _check_count(shard: Shard, found: int, what: str) -> None:
+    if found != shard.row_count:
+        raise _BadFile(f"found {found} {what} where the plan counted {shard.row_count}: the file changed since the job "
+                       "was planned")
+
+
 def _read_jsonl(shard: Shard, config: ReadConfig) -> list[dict[str, Any]]:
-    data = storage.read_bytes(shard.file, config.storage_options, shard.byte_start, shard.byte_end)
-    lines = data.split(b"\n")
-    if data.endswith(b"\n"):
-        lines.pop()
-    if len(lines) != shard.row_count:
-        raise ValueError(f"found {len(lines)} lines where the plan counted {shard.row_count}: the file changed since "
-                         "the job was planned")
     rows = []
-    for offset, raw in enumerate(lines):
+    for offset, raw in enumerate(_records(shard, config)):
         row_number = shard.row_start + offset
-        where = f"{shard.file} line {row_number + 1}"
+        where = f"{_shown(shard)} line {row_number + 1}"
+        if isinstance(raw, int):
+            rows.append(_too_large(shard, row_number, where, raw))
+            continue
         try:
-            record = json.loads(raw.decode("utf-8"))
-        except UnicodeDecodeError as exc:
-            rows.append(_error_row(shard, row_number, "invalid_utf8", f"{where} is not valid UTF-8 ({exc.reason} at "
-                                   f"byte {exc.start}); re-encode the file as UTF-8"))
-            continue
-        except json.JSONDecodeError as exc:
-            found = "an empty line" if not raw.strip() else f"invalid JSON ({exc.msg} at column {exc.colno})"
+            rows.append(_jsonl_row(shard, row_number, where, raw, config))
+        except RecursionError:
             rows.append(_error_row(shard, row_number, "invalid_json", f"{where}: expected one JSON object per line, "
-                                   f"found {found}"))
-            continue
-        if not isinstance(record, dict):
-            rows.append(_error_row(shard, row_number, "invalid_json", f"{where}: expected a JSON object, found "
-                                   f"{type(record).__name__}"))
-            continue
-        overrides: dict[str, Any] = {}
-        if config.format == "openai-batch":
-            try:
-                record, overrides = parse_request(record)
-            except RowError as exc:
-                error = _error_row(shard, row_number, exc.error_type, f"{where}: {exc}")
-                if isinstance(record.get("custom_id"), str):
-                    error["id"] = record["custom_id"]
-                rows.append(error)
-                continue
-        row = _data_row(shard, row_number, record, config)
-        row["_request"] = overrides or None
-        rows.append(row)
+                                   "found JSON nested too deeply to read; flatten it"))
+    _check_count(shard, len(rows), "lines")
     return rows
+
+
+def _jsonl_row(shard: Shard, row_number: int, where: str, raw: bytes, config: ReadConfig) -> dict[str, Any]:
+    """One JSONL line as a row, or as an error row saying why it is not one."""
+    try:
+        record = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        return _error_row(shard, row_number, "invalid_utf8", f"{where} is not valid UTF-8 ({exc.reason} at byte "
+                          f"{exc.start}); re-encode the file as UTF-8")
+    except json.JSONDecodeError as exc:
+        found = "an empty line" if not raw.strip() else f"invalid JSON ({exc.msg} at column {exc.colno})"
+        return _error_row(shard, row_number, "invalid_json", f"{where}: expected one JSON object per line, found "
+                          f"{found}")
+    except ValueError as exc:  # e.g. an integer of more digits than Python converts
+        return _error_row(shard, row_number, "invalid_json", f"{where}: expected one JSON object per line, found "
+                          f"JSON Python cannot read ({exc})")
+    if not isinstance(record, dict):
+        return _error_row(shard, row_number, "invalid_json", f"{where}: expected a JSON object, found "
+                          f"{type(record).__name__}")
+    overrides: dict[str, Any] = {}
+    if config.format == "openai-batch":
+        try:
+            record, overrides = parse_request(record)
+        except RowError as exc:
+            error = _error_row(shard, row_number, exc.error_type, f"{where}: {exc}")
+            if isinstance(record.get("custom_id"), str):
+                error["id"] = record["custom_id"]
+            return error
+    row = _data_row(shard, row_number, record, config)
+    row["_request"] = overrides or None
+    return row
 
 
 def _read_csv(shard: Shard, config: ReadConfig) -> list[dict[str, Any]]:
     header_bytes = storage.read_bytes(shard.file, config.storage_options, 0, shard.header_end)
     header = next(csv.reader(io.StringIO(header_bytes.decode("utf-8", "replace"), newline="")))
-    data = storage.read_bytes(shard.file, config.storage_options, shard.byte_start, shard.byte_end)
-    text = data.decode("utf-8", "surrogateescape")
     rows = []
-    for offset, fields in enumerate(csv.reader(io.StringIO(text, newline=""))):
+    for offset, raw in enumerate(_records(shard, config)):
         row_number = shard.row_start + offset
-        where = f"{shard.file} record {row_number + 1} (after the header)"
-        if any("\udc80" <= char <= "\udcff" for field in fields for char in field):
-            rows.append(_error_row(shard, row_number, "invalid_utf8", f"{where} is not valid UTF-8; re-encode the "
-                                   "file as UTF-8"))
-        elif len(fields) != len(header):
-            rows.append(_error_row(shard, row_number, "invalid_csv", f"{where}: expected {len(header)} fields as in "
-                                   f"the header, found {len(fields)}"))
-        else:
-            rows.append(_data_row(shard, row_number, dict(zip(header, fields)), config))
-    if len(rows) != shard.row_count:
-        raise ValueError(f"found {len(rows)} CSV records where the plan counted {shard.row_count}: the file changed "
-                         "since the job was planned")
+        where = f"{_shown(shard)} record {row_number + 1} (after the header)"
+        rows.append(_too_large(shard, row_number, where, raw) if isinstance(raw, int) else
+                    _csv_row(shard, row_number, where, raw, header, config))
+    _check_count(shard, len(rows), "CSV records")
     return rows
+
+
+def _csv_row(shard: Shard, row_number: int, where: str, raw: bytes, header: list[str],
+             config: ReadConfig) -> dict[str, Any]:
+    """One CSV record as a row, or as an error row saying why it is not one."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return _error_row(shard, row_number, "invalid_utf8", f"{where} is not valid UTF-8 ({exc.reason} at byte "
+                          f"{exc.start} of the record); re-encode the file as UTF-8")
+    try:
+        records = list(csv.reader(io.StringIO(text, newline="")))
+    except csv.Error as exc:
+        return _error_row(shard, row_number, "invalid_csv", f"{where}: {exc}")
+    if len(records) != 1:
+        return _error_row(shard, row_number, "invalid_csv", f"{where}: expected one record, found {len(records)}: a "
+                          "carriage return outside quotes ends a record; quote the field or end lines with \\n")
+    if len(records[0]) != len(header):
+        return _error_row(shard, row_number, "invalid_csv", f"{where}: expected {len(header)} fields as in the "
+                          f"header, found {len(records[0])}")
+    return _data_row(shard, row_number, dict(zip(header, records[0])), config)
 
 
 def _read_parquet(shard: Shard, config: ReadConfig) -> list[dict[str, Any]]:
     wanted = list(dict.fromkeys(c for c in (config.id_column, *config.prompt_columns, *config.carry_columns) if c))
-    table = storage.read_file(shard.file, partial(_parquet_rows, shard=shard, columns=wanted), config.storage_options)
+    table = storage.read_file(shard.file, _parsing(partial(_parquet_rows, shard=shard, columns=wanted)),
+                              config.storage_options)
     return [_data_row(shard, shard.row_start + i, record, config) for i, record in enumerate(table.to_pylist())]
 
 
@@ -374,7 +539,7 @@ def _data_row(shard: Shard, row_number: int, record: dict[str, Any], config: Rea
         row["id"] = _position_id(shard, row_number)
     elif record.get(config.id_column) is None:
         row.update(_error_row(shard, row_number, "missing_id",
-                              f"{shard.file} row {row_number}: id column {config.id_column!r} is missing or null"))
+                              f"{_shown(shard)} row {row_number}: id column {config.id_column!r} is missing or null"))
     else:
         row["id"] = str(record[config.id_column])
     return row

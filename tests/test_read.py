@@ -465,3 +465,131 @@ def test_a_repeated_id_within_a_shard_becomes_a_duplicate_id_error_row(tmp_path:
     assert block.column("id").to_pylist() == ["a", "b", "a"]
     assert block.column("_error_type").to_pylist() == [None, None, "duplicate_id"]
     assert "id 'a' was already used by row 0" in block.column("_error")[2].as_py()
+
+
+# Messy CSV: the planner and the reader follow Python's csv module, so no quote can make them disagree.
+
+MESSY_CSV = (b'text,n\n'
+             b'5" screen,1\n'  # a quote inside an unquoted field is literal
+             b'"quoted, with comma",2\n'
+             b'"closed"then literal ",3\n'  # characters after a closing quote are literal, quotes included
+             b'a "b" c,4\n'
+             b'"multi\nline ""quoted""",5\n'
+             b'12" and 14",6\n'
+             b',7\n'
+             b'"",8\n'
+             b'x""y,9\n')
+
+
+@pytest.mark.parametrize("rows_per_shard", ROWS_PER_SHARD)
+@pytest.mark.parametrize("scan_chunk_bytes", [1, 2, 5, 16 << 20])
+def test_csv_stray_quotes_plan_and_read_as_the_csv_module_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rows_per_shard: int, scan_chunk_bytes: int
+) -> None:
+    monkeypatch.setattr(read, "SCAN_CHUNK_BYTES", scan_chunk_bytes)
+    path = tmp_path / "messy.csv"
+    path.write_bytes(MESSY_CSV)
+    expected = list(csv.reader(io.StringIO(MESSY_CSV.decode(), newline="")))[1:]
+
+    shards, _ = plan(path, "csv", rows_per_shard=rows_per_shard)
+    table = read_all(path, "csv", rows_per_shard=rows_per_shard, carry_columns=["n"])
+
+    assert_shards_tile(shards, len(expected), rows_per_shard, len(b"text,n\n"), len(MESSY_CSV))
+    assert table.column("_error_type").null_count == len(expected), errors_by_row(table)
+    assert prompts(table) == [{"text": text} for text, _ in expected]
+    assert table.column("n").to_pylist() == [n for _, n in expected]
+
+
+def test_csv_field_over_128_kib_is_read(tmp_path: Path) -> None:
+    path = tmp_path / "wide.csv"
+    path.write_bytes(b"text,n\n" + b'"' + b"w" * (300 << 10) + b'",1\nshort,2\n')
+
+    table = read_all(path, "csv", carry_columns=["n"])
+
+    assert table.column("_error_type").to_pylist() == [None, None]
+    assert prompts(table) == [{"text": "w" * (300 << 10)}, {"text": "short"}]
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv"])
+@pytest.mark.parametrize("scan_chunk_bytes", [7, 16 << 20])
+def test_a_row_over_the_row_byte_limit_is_an_error_row_and_never_held_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fmt: str, scan_chunk_bytes: int
+) -> None:
+    monkeypatch.setattr(read, "MAX_ROW_BYTES", 64)
+    monkeypatch.setattr(read, "SCAN_CHUNK_BYTES", scan_chunk_bytes)
+    huge = "x" * 500
+    lines = ([json.dumps({"text": t}) for t in ("before", huge, "after")] if fmt == "jsonl" else
+             ["text", "before", f'"{huge}\n{huge}"', "after"])
+    path = tmp_path / f"data.{fmt}"
+    path.write_bytes("\n".join(lines).encode() + b"\n")
+    records = list(read._records(plan(path, fmt)[0][0], ReadConfig.of(InputSpec(path=str(path), format=fmt), ["text"])))
+    assert [len(r) if isinstance(r, bytes) else r for r in records][1] == len(lines[-2]) + 1
+    assert all(len(r) <= 64 for r in records if isinstance(r, bytes))
+
+    table = read_all(path, fmt)
+
+    errors = errors_by_row(table)
+    assert list(errors) == [1]
+    where = f"{path} line 2" if fmt == "jsonl" else f"{path} record 2 (after the header)"
+    assert errors[1] == ("row_too_large", f"{where} is {len(lines[-2]) + 1} bytes, over the 0 MiB one row may hold; "
+                         "split or shorten it")
+    assert [p["text"] for p in prompts(table) if p] == ["before", "after"]
+
+
+@pytest.mark.parametrize(
+    ("line", "found"),
+    [
+        (b"[" * 100_000 + b"]" * 100_000, "found JSON nested too deeply to read; flatten it"),
+        (b'{"text": ' + b"[" * 50_000 + b"]" * 50_000 + b"}", "found JSON nested too deeply to read; flatten it"),
+        (b'{"text": "x", "n": ' + b"9" * 5000 + b"}", "found JSON Python cannot read (Exceeds the limit (4300 digits)"),
+    ],
+    ids=["deep-list", "deep-value", "huge-integer"],
+)
+def test_jsonl_lines_python_cannot_parse_are_invalid_json_rows(tmp_path: Path, line: bytes, found: str) -> None:
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(b'{"text": "ok"}\n' + line + b'\n{"text": "also ok"}\n')
+
+    table = read_all(path, "jsonl")
+
+    errors = errors_by_row(table)
+    assert list(errors) == [1]
+    assert errors[1][0] == "invalid_json"
+    assert errors[1][1].startswith(f"{path} line 2: expected one JSON object per line, {found}")
+    assert prompts(table)[2] == {"text": "also ok"}
+
+
+def test_csv_carriage_return_outside_quotes_is_an_error_row(tmp_path: Path) -> None:
+    path = tmp_path / "data.csv"
+    path.write_bytes(b"text,n\na,1\nb,2\rc,3\nd,4\n")
+
+    table = read_all(path, "csv", carry_columns=["n"])
+
+    errors = errors_by_row(table)
+    assert list(errors) == [1] and errors[1][0] == "invalid_csv"
+    assert "expected one record, found 2: a carriage return outside quotes ends a record" in errors[1][1]
+    assert [p["text"] for p in prompts(table) if p] == ["a", "d"]
+
+
+def test_corrupt_parquet_row_group_at_read_time_with_skip_gives_bad_file_rows(tmp_path: Path) -> None:
+    path = tmp_path / "a.parquet"
+    write_parquet(path, PARQUET_TABLE, 10)
+    spec = InputSpec(path=str(path), format="parquet", rows_per_shard=10, on_bad_file="skip")
+    shards, _ = plan_shards(spec, list_files(str(path)))
+    data = bytearray(path.read_bytes())
+    data[4:200] = b"\x00" * 196  # the first row groups' pages, not the footer
+    path.write_bytes(bytes(data))
+
+    table = read_shard(shards[0], ReadConfig.of(spec, ["text"]))
+
+    assert table.column("_error_type").to_pylist() == ["bad_file"] * shards[0].row_count
+    assert f"input file {path} could not be read: " in table.column("_error")[0].as_py()
+
+
+def test_jsonl_columns_are_sampled_from_the_first_lines(tmp_path: Path) -> None:
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(b'not json\n{"rid": 1, "text": "a"}\n[1]\n{"rid": 2, "extra": true}\n')
+    info = list_files(str(path))[0]
+
+    assert read.input_columns(InputSpec(path=str(path), format="jsonl"), info) == ["rid", "text", "extra"]
+    path.write_bytes(b"not json\n[1]\n")
+    assert read.input_columns(InputSpec(path=str(path), format="jsonl"), list_files(str(path))[0]) is None
