@@ -10,12 +10,16 @@ import hashlib
 import json
 from typing import Any
 
+from pydantic import ConfigDict, Field, ValidationError
+
 from qwen_batch.pipelines.structured import StructuredOutput
 from qwen_batch.schemas.errors import RowError
+from qwen_batch.schemas.spec import SamplingSpec
 
 CHAT_COMPLETIONS = "/v1/chat/completions"
 # Body fields with a meaning here; anything else a model server would act on is refused rather than ignored.
-SAMPLING_FIELDS = ("temperature", "top_p", "seed", "stop", "presence_penalty", "frequency_penalty")
+SAMPLING_FIELDS = ("temperature", "top_p", "seed", "stop", "presence_penalty", "frequency_penalty",
+                   "repetition_penalty")
 IGNORED_FIELDS = ("model", "messages", "user", "metadata", "store", "logprobs", "service_tier", "n",
                   "max_tokens", "max_completion_tokens", "response_format", "stream")
 
@@ -33,17 +37,67 @@ def parse_request(line: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]
         raise RowError("invalid_request", f"body fields {unsupported} are not supported; remove them")
     if body.get("n", 1) != 1 or body.get("logprobs") or body.get("stream"):
         raise RowError("invalid_request", "n > 1, logprobs and stream are not supported in batch jobs")
-    overrides: dict[str, Any] = {name: body[name] for name in SAMPLING_FIELDS if body.get(name) is not None}
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    if max_tokens is not None:
-        if not isinstance(max_tokens, int) or max_tokens < 1:
-            raise RowError("invalid_request", f"max_tokens must be a positive integer, found {max_tokens!r}")
-        overrides["max_tokens"] = max_tokens
+    overrides = _sampling(body)
     response_format = _response_format(body.get("response_format"))
     if response_format is not None:
         overrides["response_format"] = response_format
     columns = {"custom_id": line.get("custom_id"), "model": body.get("model"), "messages": body.get("messages")}
     return columns, overrides
+
+
+class _RequestSampling(SamplingSpec):
+    """A request's sampling fields, held to the job spec's limits (vLLM's own) with JSON's types, no coercion."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    presence_penalty: float | None = Field(
+        None, ge=-2, le=2, allow_inf_nan=False, description="Penalty on tokens already present, in [-2, 2]."
+    )
+    frequency_penalty: float | None = Field(
+        None, ge=-2, le=2, allow_inf_nan=False, description="Penalty by how often a token appeared, in [-2, 2]."
+    )
+
+
+def _sampling(body: dict[str, Any]) -> dict[str, Any]:
+    """The body's sampling fields that are set, checked against vLLM's ranges; RowError naming field and range."""
+    given = {name: body[name] for name in SAMPLING_FIELDS if body.get(name) is not None}
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    if max_tokens is not None:
+        given["max_tokens"] = max_tokens
+    if isinstance(given.get("stop"), str):
+        given["stop"] = [given["stop"]]  # OpenAI takes one stop string or a list
+    try:
+        _RequestSampling.model_validate(given)
+    except ValidationError as exc:
+        named = {"max_tokens": "max_completion_tokens"} if "max_completion_tokens" in body else {}
+        raise RowError("invalid_request", "; ".join(_problem(error, named) for error in exc.errors())) from None
+    return given
+
+
+def _problem(error: Any, named: dict[str, str]) -> str:
+    """One validation error as `body.<field>: found <value>; <what is wrong>; allowed: <range>`."""
+    field = str(error["loc"][0])
+    where = ".".join(["body", named.get(field, field), *map(str, error["loc"][1:])])
+    return f"{where}: found {error['input']!r}; {error['msg'][0].lower()}{error['msg'][1:]}; allowed: {_allowed(field)}"
+
+
+_BOUNDS = {"Ge": ("[", ">="), "Gt": ("(", ">"), "Le": ("]", "<="), "Lt": (")", "<")}
+
+
+def _allowed(field: str) -> str:
+    """The values a sampling field takes, from its constraints: `a finite number in [0, 2]`, `an integer >= 1`..."""
+    bounds = {type(rule).__name__: getattr(rule, type(rule).__name__.lower())
+              for rule in _RequestSampling.model_fields[field].metadata if type(rule).__name__ in _BOUNDS}
+    kind = {"max_tokens": "an integer", "seed": "an integer", "stop": "a string or a list of non-empty strings"}.get(
+        field, "a finite number")
+    low = next(((name, value) for name, value in bounds.items() if name in ("Ge", "Gt")), None)
+    high = next(((name, value) for name, value in bounds.items() if name in ("Le", "Lt")), None)
+    if low and high:
+        return f"{kind} in {_BOUNDS[low[0]][0]}{low[1]}, {high[1]}{_BOUNDS[high[0]][0]}"
+    if low or high:
+        name, value = low or high  # type: ignore[misc]
+        return f"{kind} {_BOUNDS[name][1]} {value}"
+    return kind
 
 
 def _response_format(given: Any) -> StructuredOutput | None:

@@ -52,7 +52,7 @@ def test_request_fields_become_sampling_and_response_format_overrides():
     ({"custom_id": "x", "method": "POST", "url": "/v1/chat/completions", "body": "hi"}, "`body` must be an object"),
     ({"custom_id": "x", "url": "/v1/chat/completions", "body": {"messages": [], "tools": []}}, "['tools'] are not"),
     ({"custom_id": "x", "url": "/v1/chat/completions", "body": {"messages": [], "n": 2}}, "n > 1"),
-    ({"custom_id": "x", "url": "/v1/chat/completions", "body": {"messages": [], "max_tokens": 0}}, "positive integer"),
+    ({"custom_id": "x", "url": "/v1/chat/completions", "body": {"messages": [], "max_tokens": 0}}, "allowed: an integer > 0"),
     ({"custom_id": "x", "url": "/v1/chat/completions", "body": {"response_format": {"type": "xml"}}}, "json_schema"),
 ])
 def test_requests_we_cannot_honour_are_refused_with_a_reason(line, message):
@@ -105,3 +105,44 @@ def test_openai_batch_file_in_and_out_changing_only_the_model_names(tmp_path: Pa
     assert structured["variant"] == "tiny-qwen3" and json.loads(structured["parsed"])["mood"] in ("happy", "sad")
     assert lines["request-4"]["response"] is None and lines["request-4"]["error"]["code"] == "invalid_request"
     assert manifest.rows_in == 4 and manifest.rows_failed == 1 and manifest.structured_validity_rate == 1.0
+
+
+@pytest.mark.parametrize("body,message", [
+    ({"temperature": -1}, "body.temperature: found -1; input should be greater than or equal to 0; allowed: a finite "
+     "number in [0, 2]"),
+    ({"temperature": 2.5}, "body.temperature: found 2.5; input should be less than or equal to 2; allowed: a finite "
+     "number in [0, 2]"),
+    ({"temperature": float("nan")}, "body.temperature: found nan; input should be a finite number"),
+    ({"top_p": 0}, "body.top_p: found 0; input should be greater than 0; allowed: a finite number in (0, 1]"),
+    ({"top_p": 1.01}, "body.top_p: found 1.01; input should be less than or equal to 1"),
+    ({"stop": [""]}, "body.stop.0: found ''; string should have at least 1 character; allowed: a string or a list of "
+     "non-empty strings"),
+    ({"stop": ["END", 3]}, "body.stop.1: found 3; input should be a valid string"),
+    ({"seed": "abc"}, "body.seed: found 'abc'; input should be a valid integer; allowed: an integer in "
+     "[-9223372036854775808, 9223372036854775808)"),
+    ({"seed": 1.5}, "body.seed: found 1.5; input should be a valid integer"),
+    ({"seed": 2**64}, "body.seed: found 18446744073709551616; input should be less than 9223372036854775808"),
+    ({"repetition_penalty": 0}, "body.repetition_penalty: found 0; input should be greater than 0; allowed: a finite "
+     "number > 0"),
+    ({"repetition_penalty": float("inf")}, "body.repetition_penalty: found inf; input should be a finite number"),
+    ({"presence_penalty": -2.5}, "body.presence_penalty: found -2.5; input should be greater than or equal to -2; "
+     "allowed: a finite number in [-2, 2]"),
+    ({"frequency_penalty": float("-inf")}, "body.frequency_penalty: found -inf; input should be a finite number; "
+     "allowed: a finite number in [-2, 2]"),
+    ({"max_tokens": True}, "body.max_tokens: found True; input should be a valid integer; allowed: an integer > 0"),
+    ({"max_completion_tokens": -1}, "body.max_completion_tokens: found -1; input should be greater than 0"),
+    ({"temperature": "0.5"}, "body.temperature: found '0.5'; input should be a valid number"),
+])
+def test_sampling_outside_vllms_ranges_is_an_invalid_request_naming_field_and_range(body, message):
+    with pytest.raises(RowError) as caught:
+        parse_request({"custom_id": "x", "url": "/v1/chat/completions", "body": {"messages": [], **body}})
+    assert caught.value.error_type == "invalid_request"
+    assert str(caught.value).startswith(message)
+
+
+def test_sampling_inside_vllms_ranges_passes_through():
+    body = {"messages": [], "temperature": 2, "top_p": 1, "stop": "END", "seed": -1, "presence_penalty": -2,
+            "frequency_penalty": 2, "repetition_penalty": 1.1, "max_completion_tokens": 7}
+    _, overrides = parse_request({"custom_id": "x", "url": "/v1/chat/completions", "body": body})
+    assert overrides == {"temperature": 2, "top_p": 1, "stop": ["END"], "seed": -1, "presence_penalty": -2,
+                         "frequency_penalty": 2, "repetition_penalty": 1.1, "max_tokens": 7}
