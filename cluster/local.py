@@ -33,7 +33,3 @@ def ray_cluster(address: str | None = None) -> Iterator[None]:
     finally:
         ray.shutdown()
 
-
-def cluster_gpus() -> int:
-    """GPUs the connected Ray cluster has."""
-    return int(ray.cluster_resources().get("GPU", 0))

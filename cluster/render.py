@@ -13,7 +13,7 @@ from qwen_batch.cluster.resources import gpu_plan
 from qwen_batch.pipelines.storage import redact
 from qwen_batch.schemas.catalog import get_variant
 from qwen_batch.schemas.errors import SpecError
-from qwen_batch.schemas.spec import JobSpec, load_spec
+from qwen_batch.schemas.spec import JobSpec, ReplicaRange, load_spec
 
 __all__ = ["rayjob_name", "render_command", "render_configmap", "render_rayjob", "render_yaml"]
 
@@ -65,11 +65,26 @@ def render_rayjob(spec: JobSpec, *, image: str, gpus_per_worker: int, workers: i
     if gpus_per_worker < tensor_parallel:
         raise SpecError(f"resources.tensor_parallel_size: {tensor_parallel} GPUs per replica do not fit on a worker "
                         f"of {gpus_per_worker} GPUs; a replica must sit on one node. Raise --gpus-per-worker")
-    replicas_per_worker = min(replicas, gpus_per_worker // tensor_parallel)
-    needed = math.ceil(replicas / replicas_per_worker)
-    if workers and workers < needed:
-        raise SpecError(f"resources.replicas: {replicas} replicas of {tensor_parallel} GPU(s) need {needed} workers "
-                        f"of {gpus_per_worker} GPUs; --workers is {workers}. Raise --workers or lower replicas")
+    fit = gpus_per_worker // tensor_parallel
+    autoscaling = isinstance(replicas, ReplicaRange)
+    if autoscaling:
+        # KubeRay's autoscaler adds GPU workers while the job's autoscaling actor pool waits for them.
+        pods = (math.ceil(replicas.min / fit), math.ceil(replicas.max / fit))
+        replicas_per_worker = fit
+    elif replicas == "auto":
+        if not workers:
+            raise SpecError("resources.replicas: found 'auto', which fills the cluster the RayJob starts: give "
+                            "--workers N (each worker then runs its GPUs // tensor_parallel_size replicas), or pin "
+                            "resources.replicas, or give it as {min, max} for an autoscaling cluster")
+        replicas_per_worker, pods = fit, (workers, workers)
+    else:
+        replicas_per_worker = min(replicas, fit)
+        needed = math.ceil(replicas / replicas_per_worker)
+        if workers and workers < needed:
+            raise SpecError(f"resources.replicas: {replicas} replicas of {tensor_parallel} GPU(s) need {needed} "
+                            f"workers of {gpus_per_worker} GPUs; --workers is {workers}. Raise --workers or lower "
+                            "replicas")
+        pods = (workers or needed,) * 2
     worker_gpus = replicas_per_worker * tensor_parallel
     configmap = spec_configmap or f"{name}-spec"
     return {
@@ -86,9 +101,9 @@ def render_rayjob(spec: JobSpec, *, image: str, gpus_per_worker: int, workers: i
             "submitterConfig": {"backoffLimit": 2},
             "rayClusterSpec": {
                 "rayVersion": RAY_VERSION,
-                "enableInTreeAutoscaling": False,
+                "enableInTreeAutoscaling": autoscaling,
                 "headGroupSpec": _head_group(image, configmap, _labels(spec)),
-                "workerGroupSpecs": [_worker_group(image, workers or needed, worker_gpus, _labels(spec))],
+                "workerGroupSpecs": [_worker_group(image, pods, worker_gpus, _labels(spec))],
             },
         },
     }
@@ -115,7 +130,7 @@ def render_command(spec_path: str, image: str, gpus_per_worker: int, workers: in
                        workers=workers, namespace=namespace)
 
 
-def _replica_shape(spec: JobSpec, gpus_per_worker: int) -> tuple[int, int]:
+def _replica_shape(spec: JobSpec, gpus_per_worker: int) -> tuple[int, int | str | ReplicaRange]:
     """GPUs per replica and replicas, with `tensor_parallel_size: auto` resolved as the driver will on GPUs."""
     resources = spec.resources
     if resources.accelerator == "cpu":
@@ -147,15 +162,16 @@ def _head_group(image: str, configmap: str, labels: dict[str, str]) -> dict[str,
     }
 
 
-def _worker_group(image: str, pods: int, gpus: int, labels: dict[str, str]) -> dict[str, Any]:
-    """A fixed-size GPU worker group: the driver sizes the job to the GPUs present when it starts."""
+def _worker_group(image: str, pods: tuple[int, int], gpus: int, labels: dict[str, str]) -> dict[str, Any]:
+    """A GPU worker group of (min, max) pods: fixed when they are equal, the driver then sizing the job to the GPUs
+    present when it starts; else grown by KubeRay's autoscaler for the job's autoscaling pool."""
     container = _container("ray-worker", image, cpus=CPUS_PER_GPU * gpus, memory_gib=MEMORY_GIB_PER_GPU * gpus,
                            gpus=gpus)
     return {
         "groupName": "gpu",
-        "replicas": pods,
-        "minReplicas": pods,
-        "maxReplicas": pods,
+        "replicas": pods[0],
+        "minReplicas": pods[0],
+        "maxReplicas": pods[1],
         "rayStartParams": {},
         "template": {
             "metadata": {"labels": labels},

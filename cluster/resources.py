@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from qwen_batch.cluster.planner import GPU_TYPES, VariantPlan, plan_variant
 from qwen_batch.schemas.catalog import ModelVariant
 from qwen_batch.schemas.errors import SpecError
-from qwen_batch.schemas.spec import JobSpec, ModelSpec
+from qwen_batch.schemas.spec import JobSpec, ModelSpec, ReplicaRange
 
 log = logging.getLogger(__name__)
 
@@ -23,22 +24,41 @@ MAX_NUM_SEQS = 256
 
 
 @dataclass(frozen=True)
+class NodeShape:
+    """What one alive Ray node offers engine replicas."""
+
+    cpus: float
+    gpus: int
+
+    @classmethod
+    def of_ray(cls, node: dict[str, Any]) -> NodeShape:
+        """From an entry of `ray.nodes()`."""
+        resources = node.get("Resources", {})
+        return cls(float(resources.get("CPU", 0)), int(resources.get("GPU", 0)))
+
+
+@dataclass(frozen=True)
 class ReplicaPlan:
-    """How one engine replica is placed and configured."""
+    """How one engine replica is placed and configured, and how many of them run."""
 
     accelerator: Literal["gpu", "cpu"]
     tensor_parallel_size: int
-    replicas: int
+    replicas: int  # replicas at the start; an autoscaling pool grows to max_replicas
     llm_kwargs: dict[str, Any]
     env: dict[str, str]
     num_cpus: float
     num_gpus: int = 0
+    max_replicas: int | None = None  # None: a fixed pool of `replicas`
+
+    @property
+    def accelerators_per_replica(self) -> int:
+        """Accelerators one replica holds (a CPU engine counts one)."""
+        return self.tensor_parallel_size if self.accelerator == "gpu" else 1
 
     @property
     def accelerators(self) -> int:
-        """Accelerators all replicas hold together (CPU engines count one each)."""
-        per_replica = self.tensor_parallel_size if self.accelerator == "gpu" else 1
-        return per_replica * self.replicas
+        """Accelerators all replicas hold together at the start."""
+        return self.accelerators_per_replica * self.replicas
 
     @property
     def max_num_seqs(self) -> int:
@@ -46,21 +66,32 @@ class ReplicaPlan:
         return self.llm_kwargs["max_num_seqs"]
 
 
+def cluster_nodes() -> list[NodeShape]:
+    """The alive nodes of the connected Ray cluster."""
+    import ray
+
+    return [NodeShape.of_ray(node) for node in ray.nodes() if node.get("Alive")]
+
+
 def plan_replicas(spec: JobSpec, model: ModelSpec, variant: ModelVariant, max_model_len: int,
-                  gpus_in_cluster: int) -> ReplicaPlan:
-    """Accelerator, tensor parallelism, executor backend and engine settings for one model of the job."""
+                  nodes: Sequence[NodeShape]) -> ReplicaPlan:
+    """Accelerator, tensor parallelism, executor backend, engine settings and replica count for one model."""
     resources, engine = spec.resources, spec.engine
+    largest_node = max((node.gpus for node in nodes), default=0)
     accelerator = resources.accelerator
     if accelerator == "auto":
-        accelerator = "gpu" if gpus_in_cluster else "cpu"
+        accelerator = "gpu" if largest_node else "cpu"
     tp = resources.tensor_parallel_size
     if accelerator == "gpu":
-        tp = gpu_plan(spec, variant, max_model_len, gpus_in_cluster).tensor_parallel_size
-        if tp * resources.replicas > gpus_in_cluster:
-            raise SpecError(f"resources: {resources.replicas} replicas x tensor_parallel_size {tp} need "
-                            f"{tp * resources.replicas} GPUs; the Ray cluster has {gpus_in_cluster}. Lower replicas.")
+        # A tensor-parallel group never spans nodes: its all-reduces need NVLink or PCIe, not the network.
+        if largest_node and tp != "auto" and tp > largest_node:
+            raise SpecError(f"resources.tensor_parallel_size: found {tp}; a replica's GPUs must sit on one node and "
+                            f"the largest node of the Ray cluster has {largest_node}. Use nodes with {tp} GPUs, or a "
+                            "smaller or quantized variant that fits fewer GPUs")
+        tp = gpu_plan(spec, variant, max_model_len, max(largest_node, 1)).tensor_parallel_size
     elif tp == "auto":
         tp = 1
+    replicas, max_replicas = replica_count(resources.replicas, accelerator, tp, resources.cpus_per_replica, nodes)
     if variant.num_attention_heads % tp:
         raise SpecError(f"resources.tensor_parallel_size: found {tp}; it must divide {variant.name}'s "
                         f"{variant.num_attention_heads} attention heads")
@@ -96,7 +127,34 @@ def plan_replicas(spec: JobSpec, model: ModelSpec, variant: ModelVariant, max_mo
             env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     env.update(engine.env)
     llm_kwargs.update(engine.extra_args)
-    return ReplicaPlan(accelerator, tp, resources.replicas, llm_kwargs, env, resources.cpus_per_replica, num_gpus)
+    return ReplicaPlan(accelerator, tp, replicas, llm_kwargs, env, resources.cpus_per_replica, num_gpus, max_replicas)
+
+
+def replica_count(wanted: int | str | ReplicaRange, accelerator: str, tensor_parallel_size: int,
+                  cpus_per_replica: float, nodes: Sequence[NodeShape]) -> tuple[int, int | None]:
+    """(replicas to start, the autoscaling pool's maximum or None) for `resources.replicas` on these nodes.
+
+    What fits: on each node, its GPUs // tensor_parallel_size replicas; for CPU engines, which use every core of
+    their node, one per node with at least `cpus_per_replica` CPUs.
+    """
+    if accelerator == "gpu":
+        fits = sum(node.gpus // tensor_parallel_size for node in nodes)
+        unit = f"{tensor_parallel_size} GPU(s) on one node"
+    else:
+        fits = sum(1 for node in nodes if node.cpus >= cpus_per_replica)
+        unit = f"a node with {cpus_per_replica:g} CPU(s) to itself"
+    if isinstance(wanted, ReplicaRange):
+        return wanted.min, wanted.max
+    if wanted == "auto":
+        if not fits:
+            raise SpecError(f"resources.replicas: found 'auto', but no node of the Ray cluster has {unit} for a "
+                            "replica. Give resources.replicas as {min, max} so an autoscaling cluster adds nodes, or "
+                            "connect to a cluster with accelerators")
+        return fits, None
+    if wanted > fits:
+        raise SpecError(f"resources.replicas: found {wanted}; each replica needs {unit} and the Ray cluster has room "
+                        f"for {fits}. Lower replicas, use `auto`, or give {{min, max}} for an autoscaling cluster")
+    return wanted, None
 
 
 def default_max_num_seqs(spec: JobSpec, accelerator: str, tensor_parallel_size: int) -> int:

@@ -190,8 +190,8 @@ def _committed(layout: Layout, variant: str, spec: JobSpec) -> set[str]:
 
 def run_job(spec: JobSpec, *, address: str | None = None, overwrite: bool = False) -> JobManifest:
     """Run a job to completion (resuming any earlier run of the same spec) and return its manifest."""
-    from qwen_batch.cluster.local import cluster_gpus, ray_cluster
-    from qwen_batch.cluster.resources import plan_replicas
+    from qwen_batch.cluster.local import ray_cluster
+    from qwen_batch.cluster.resources import cluster_nodes, plan_replicas
     from qwen_batch.pipelines.pipeline import build_dataset
 
     started_at, started = _now(), time.monotonic()
@@ -209,7 +209,7 @@ def run_job(spec: JobSpec, *, address: str | None = None, overwrite: bool = Fals
                 if not todo:
                     continue
                 model_started = time.monotonic()
-                replicas = plan_replicas(spec, model.spec, model.variant, model.max_model_len, cluster_gpus())
+                replicas = plan_replicas(spec, model.spec, model.variant, model.max_model_len, cluster_nodes())
                 dataset = build_dataset(todo, *stage_configs(plan, model, run_id, replicas.llm_kwargs), replicas)
                 committed_now += _follow(dataset, model.name, todo, model_started)
                 accelerators = max(accelerators, replicas.accelerators)

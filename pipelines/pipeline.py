@@ -32,18 +32,20 @@ def build_dataset(shards: list[Shard], read: ReadConfig, prompt: PromptConfig, e
     # The dataset's own copy of the DataContext: every later stage inherits it, the process-wide one is untouched.
     dataset.context.target_max_block_size = MAX_BLOCK_BYTES
     dataset.context.enable_progress_bars = False
+    most_replicas = replicas.max_replicas or replicas.replicas
     # Templating and tokenizing scale with the engines: up to one prompt actor per replica.
     dataset = dataset.map_batches(
         PromptStage, fn_constructor_args=(prompt,), batch_size=None, batch_format="pyarrow", num_cpus=PROMPT_CPUS,
-        compute=ActorPoolStrategy(min_size=1, max_size=replicas.replicas),
+        compute=ActorPoolStrategy(min_size=1, max_size=most_replicas),
     )
     mean_rows = max(1, round(sum(s.row_count for s in shards) / len(shards)))
     calls = min(shards_in_flight(replicas.max_num_seqs, mean_rows), 2 * replicas.max_num_seqs + 1)
     dataset = dataset.map_batches(
         EngineStage, fn_constructor_args=(replace(engine, ledger=CrashLedger.remote()),), batch_size=None, batch_format="pyarrow",
         # Several shards run at each engine at once (see pipelines.engine), one more waits ready behind them.
-        compute=ActorPoolStrategy(size=replicas.replicas, max_concurrent_calls_per_actor=calls,
-                                  max_tasks_in_flight_per_actor=calls + 1, enable_true_multi_threading=True),
+        compute=ActorPoolStrategy(min_size=replicas.replicas, max_size=most_replicas,
+                                  max_concurrent_calls_per_actor=calls, max_tasks_in_flight_per_actor=calls + 1,
+                                  enable_true_multi_threading=True),
         num_cpus=replicas.num_cpus, num_gpus=replicas.num_gpus or None, runtime_env={"env_vars": replicas.env},
     )
     return dataset.map_batches(WriteStage(write), batch_size=None, batch_format="pyarrow", num_cpus=WRITE_CPUS)

@@ -278,10 +278,44 @@ class OutputSpec(_Strict):
     )
 
 
+class ReplicaRange(_Strict):
+    """An autoscaling pool of engine replicas: Ray adds replicas (and an autoscaling cluster its nodes) while work
+    waits, and gives them back when idle."""
+
+    min: int = Field(1, ge=1, description="Replicas the job keeps while it runs.")
+    max: int = Field(ge=1, description="Most replicas the job asks for.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ReplicaRange:
+        if self.max < self.min:
+            raise ValueError(f"max ({self.max}) must be at least min ({self.min})")
+        return self
+
+
 class ResourcesSpec(_Strict):
     """How much of the cluster the job uses."""
 
-    replicas: int = Field(1, ge=1, description="Engine replicas (actors), each with its own copy of the model.")
+    replicas: Annotated[int, Field(ge=1)] | Literal["auto"] | ReplicaRange = Field(
+        "auto", description="Engine replicas (actors), each with its own copy of the model: `auto` fills the cluster "
+        "(on each node, its accelerators // accelerators per replica; on CPU clusters one per node), an integer pins "
+        "the count, `{min, max}` gives an autoscaling pool."
+    )
+
+    @field_validator("replicas", mode="before")
+    @classmethod
+    def _replicas(cls, value: Any) -> Any:
+        if value == "auto" or isinstance(value, ReplicaRange):
+            return value
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+            return value
+        if isinstance(value, dict):
+            try:
+                return ReplicaRange(**value)
+            except ValidationError as exc:
+                problems = [(".".join(map(str, e["loc"])) + ": " if e["loc"] else "") + e["msg"].removeprefix("Value error, ")
+                            for e in exc.errors()]
+                raise ValueError("{min, max}: " + "; ".join(problems)) from None
+        raise ValueError("expected `auto`, a whole number of replicas (1 or more) or {min, max}")
     tensor_parallel_size: int | Literal["auto"] = Field(
         "auto", description="Accelerators per replica; `auto` picks the smallest that fits the model."
     )

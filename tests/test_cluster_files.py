@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from qwen_batch.cluster.render import render_command, render_configmap, render_rayjob, render_yaml, rayjob_name
-from qwen_batch.cluster.resources import plan_replicas
+from qwen_batch.cluster.resources import NodeShape, plan_replicas
 from qwen_batch.schemas.catalog import get_variant
 from qwen_batch.schemas.errors import SpecError
 from qwen_batch.schemas.spec import JobSpec, load_spec
@@ -118,8 +118,15 @@ def cluster_spec(obj: dict[str, Any]) -> dict[str, Any]:
 
 def worker_gpus(spec: dict[str, Any]) -> int:
     """GPUs all worker pods of a RayCluster spec hold together."""
-    return sum(group["replicas"] * int(container["resources"]["limits"].get("nvidia.com/gpu", 0))
-               for group in spec["workerGroupSpecs"] for container in group["template"]["spec"]["containers"])
+    return sum(node.gpus for node in worker_nodes(spec))
+
+
+def worker_nodes(spec: dict[str, Any]) -> list[NodeShape]:
+    """The Ray nodes the worker pods of a RayCluster spec become, one per pod."""
+    return [NodeShape(float(container["resources"]["limits"]["cpu"]),
+                      int(container["resources"]["limits"].get("nvidia.com/gpu", 0)))
+            for group in spec["workerGroupSpecs"] for container in group["template"]["spec"]["containers"]
+            for _ in range(group["replicas"])]
 
 
 def only(path: Path, kind: str) -> dict[str, Any]:
@@ -230,9 +237,9 @@ def test_sample_specs_are_valid_and_fit_their_workers(name: str):
     spec = load_spec(yaml.safe_load(only_configmap_with(path, "job.yaml")["data"]["job.yaml"]),
                      logical_date=datetime(2026, 11, 28, tzinfo=timezone.utc))  # nightly.yaml's paths hold {ds}
     (obj,) = [obj for where, obj in KUBERAY_OBJECTS if where.startswith(f"kuberay/{name}")]
-    gpus = worker_gpus(cluster_spec(obj))
-    plan = plan_replicas(spec, spec.variants[0], get_variant(spec.variants[0].catalog_name), 4096, gpus)
-    assert plan.accelerator == "gpu" and plan.accelerators == gpus
+    nodes = worker_nodes(cluster_spec(obj))
+    plan = plan_replicas(spec, spec.variants[0], get_variant(spec.variants[0].catalog_name), 4096, nodes)
+    assert plan.accelerator == "gpu" and plan.accelerators == worker_gpus(cluster_spec(obj))
 
 
 def test_nightly_is_a_valid_cronjob_creating_a_rayjob_with_the_logical_date():
@@ -342,7 +349,8 @@ def test_rendered_gpus_follow_the_spec(replicas, tensor_parallel, gpus_per_worke
     assert (group["replicas"], int(limits["nvidia.com/gpu"])) == (pods, pod_gpus)
     gpus = worker_gpus(rayjob["spec"]["rayClusterSpec"])
     assert gpus >= replicas * tensor_parallel
-    plan = plan_replicas(job_spec, job_spec.variants[0], get_variant(job_spec.variants[0].catalog_name), 4096, gpus)
+    plan = plan_replicas(job_spec, job_spec.variants[0], get_variant(job_spec.variants[0].catalog_name), 4096,
+                         worker_nodes(rayjob["spec"]["rayClusterSpec"]))
     assert plan.tensor_parallel_size * plan.replicas == replicas * tensor_parallel
 
 
@@ -351,7 +359,8 @@ def test_rendered_auto_tensor_parallel_matches_the_driver():
     rayjob = render_rayjob(job_spec, image="img:1", gpus_per_worker=8, workers=0)
     gpus = worker_gpus(rayjob["spec"]["rayClusterSpec"])
     variant = get_variant("qwen2.5-72b-instruct")
-    plan = plan_replicas(job_spec, job_spec.variants[0], variant, variant.context_length, gpus)
+    plan = plan_replicas(job_spec, job_spec.variants[0], variant, variant.context_length,
+                         worker_nodes(rayjob["spec"]["rayClusterSpec"]))
     assert plan.tensor_parallel_size > 1 and gpus == plan.accelerators
 
 
@@ -359,10 +368,31 @@ def test_rendered_auto_tensor_parallel_matches_the_driver():
     ({"tensor_parallel_size": 8}, 4, 0, "do not fit on a worker of 4 GPUs"),
     ({"replicas": 4, "tensor_parallel_size": 2}, 4, 1, "need 2 workers"),
     ({"accelerator": "cpu"}, 4, 0, "resources.accelerator"),
+    ({"replicas": "auto"}, 8, 0, "give --workers N"),
 ])
 def test_render_rejects_clusters_the_job_cannot_use(resources, gpus_per_worker, workers, message):
     with pytest.raises(SpecError, match=message):
         render_rayjob(spec(**resources), image="img:1", gpus_per_worker=gpus_per_worker, workers=workers)
+
+
+def test_rendered_auto_replicas_are_what_the_driver_finds_on_the_workers():
+    job_spec = spec(replicas="auto", tensor_parallel_size=2)
+    rayjob = render_rayjob(job_spec, image="img:1", gpus_per_worker=8, workers=3)
+    (group,) = rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    assert (group["minReplicas"], group["maxReplicas"]) == (3, 3)
+    plan = plan_replicas(job_spec, job_spec.variants[0], get_variant(job_spec.variants[0].catalog_name), 4096,
+                         worker_nodes(rayjob["spec"]["rayClusterSpec"]))
+    assert (plan.replicas, plan.accelerators) == (12, 24)
+
+
+def test_a_replica_range_renders_an_autoscaling_worker_group():
+    job_spec = spec(replicas={"min": 2, "max": 9}, tensor_parallel_size=2)
+    rayjob = render_rayjob(job_spec, image="img:1", gpus_per_worker=8, workers=0)
+    cluster = rayjob["spec"]["rayClusterSpec"]
+    (group,) = cluster["workerGroupSpecs"]
+    assert cluster["enableInTreeAutoscaling"] is True
+    assert (group["replicas"], group["minReplicas"], group["maxReplicas"]) == (1, 1, 3)
+    assert unknown_fields(rayjob) == []
 
 
 def test_render_keeps_credentials_out_of_the_configmap():

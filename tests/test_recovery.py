@@ -134,7 +134,7 @@ def test_shards_committed_out_of_order_resume_after_a_driver_sigkill(tmp_path, r
     job = long_first_shard_job(str(tmp_path), output)
     spec_file = tmp_path / "spec.yaml"
     spec_file.write_text(yaml.safe_dump(job))
-    first_shard = plan_job(load_spec(job)).shards[0].shard_id
+    first_shard = f"{plan_job(load_spec(job)).shards[0].shard_id}.json"  # commits() keys are commit file names
     address = ray.get_runtime_context().gcs_address
     driver = subprocess.Popen([sys.executable, "-m", "qwen_batch.jobs.cli", "run", str(spec_file), "--address", address],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from qwen_batch.cluster.resources import plan_replicas
+from qwen_batch.cluster.resources import NodeShape, plan_replicas
 from qwen_batch.schemas.catalog import get_variant
 from qwen_batch.schemas.errors import SpecError
 from qwen_batch.schemas.spec import load_spec
@@ -17,13 +17,19 @@ def spec(variant: str = "qwen2.5-7b-instruct", **sections):
     return load_spec({**BASE, "model": {"variant": variant}, **sections})
 
 
-def replicas(job, max_model_len: int, gpus: int):
+def nodes(count: int, gpus: int, cpus: float = 16) -> list[NodeShape]:
+    return [NodeShape(cpus, gpus) for _ in range(count)]
+
+
+def replicas(job, max_model_len: int, gpus: int, cluster: list[NodeShape] | None = None):
+    """The plan on `cluster`, by default one node with `gpus` GPUs (and 2 CPUs when it has none, as here)."""
     model = job.variants[0]
-    return plan_replicas(job, model, get_variant(model.catalog_name), max_model_len, gpus)
+    cluster = cluster if cluster is not None else nodes(1, gpus, cpus=16 if gpus else 2)
+    return plan_replicas(job, model, get_variant(model.catalog_name), max_model_len, cluster)
 
 
 def test_cpu_cluster_runs_one_in_process_engine_per_replica_with_all_cores():
-    plan = replicas(spec("tiny-qwen2", resources={"replicas": 2}), 512, 0)
+    plan = replicas(spec("tiny-qwen2", resources={"replicas": 2}), 512, 0, nodes(2, 0, cpus=2))
     assert (plan.accelerator, plan.tensor_parallel_size, plan.replicas, plan.accelerators) == ("cpu", 1, 2, 2)
     assert plan.llm_kwargs["distributed_executor_backend"] == "uni" and plan.llm_kwargs["enforce_eager"] is True
     assert plan.llm_kwargs["dtype"] == "float32"
@@ -54,8 +60,47 @@ def test_ray_backend_leaves_the_gpus_to_vllms_placement_group():
 
 
 def test_more_replicas_than_gpus_is_a_spec_error():
-    with pytest.raises(SpecError, match="need 4 GPUs; the Ray cluster has 2"):
+    with pytest.raises(SpecError, match="found 4; each replica needs 1 GPU.s. on one node and the Ray cluster has "
+                                        "room for 2"):
         replicas(spec(resources={"replicas": 4}), 4096, 2)
+
+
+@pytest.mark.parametrize("node_count", [1, 2, 4])
+@pytest.mark.parametrize("gpus_per_node", [4, 8])
+def test_replicas_auto_fill_every_node(node_count: int, gpus_per_node: int):
+    small = replicas(spec(), 4096, 0, nodes(node_count, gpus_per_node))
+    assert small.tensor_parallel_size == 1 and small.replicas == node_count * gpus_per_node
+    big = replicas(spec("qwen2.5-72b-instruct", model={"variant": "qwen2.5-72b-instruct", "max_model_len": 8192}),
+                   8192, 0, nodes(node_count, gpus_per_node))
+    assert big.tensor_parallel_size == 4 and big.replicas == node_count * gpus_per_node // 4
+    assert big.accelerators == node_count * gpus_per_node and big.max_replicas is None
+
+
+def test_replicas_auto_skip_nodes_without_accelerators_and_leftover_gpus():
+    cluster = [NodeShape(8, 0), NodeShape(32, 6), NodeShape(32, 8)]  # a CPU-only head, then GPU workers
+    plan = replicas(spec(resources={"tensor_parallel_size": 4}), 4096, 0, cluster)
+    assert plan.replicas == 1 + 2 and plan.accelerators == 12
+
+
+def test_cpu_replicas_auto_give_one_engine_per_node_with_cpus():
+    cluster = [NodeShape(0, 0), NodeShape(2, 0), NodeShape(2, 0)]  # a head kept free of tasks, two workers
+    assert replicas(spec("tiny-qwen2"), 512, 0, cluster).replicas == 2
+
+
+def test_tensor_parallelism_larger_than_a_node_is_refused():
+    with pytest.raises(SpecError, match="found 8; a replica's GPUs must sit on one node and the largest node of the "
+                                        "Ray cluster has 4"):
+        replicas(spec("qwen2.5-72b-instruct", resources={"tensor_parallel_size": 8}), 4096, 0, nodes(4, 4))
+
+
+def test_a_replica_range_is_an_autoscaling_pool_that_may_outgrow_the_cluster():
+    plan = replicas(spec(resources={"replicas": {"min": 1, "max": 16}}), 4096, 0, nodes(1, 8))
+    assert (plan.replicas, plan.max_replicas) == (1, 16)
+
+
+def test_replicas_auto_on_a_cluster_without_room_says_how_to_autoscale():
+    with pytest.raises(SpecError, match=r"Give resources.replicas as \{min, max\}"):
+        replicas(spec(resources={"accelerator": "gpu"}), 4096, 0, [NodeShape(4, 0)])
 
 
 def test_tensor_parallel_size_must_divide_attention_heads():
