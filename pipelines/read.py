@@ -434,13 +434,14 @@ def _read_jsonl(shard: Shard, config: ReadConfig) -> list[dict[str, Any]]:
 
 def _jsonl_row(shard: Shard, row_number: int, where: str, raw: bytes, config: ReadConfig) -> dict[str, Any]:
     """One JSONL line as a row, or as an error row saying why it is not one."""
+    line = raw[:-1] if raw.endswith(b"\n") else raw
     try:
-        record = json.loads(raw.decode("utf-8"))
+        record = json.loads(line.decode("utf-8"))
     except UnicodeDecodeError as exc:
         return _error_row(shard, row_number, "invalid_utf8", f"{where} is not valid UTF-8 ({exc.reason} at byte "
                           f"{exc.start}); re-encode the file as UTF-8")
     except json.JSONDecodeError as exc:
-        found = "an empty line" if not raw.strip() else f"invalid JSON ({exc.msg} at column {exc.colno})"
+        found = "an empty line" if not line.strip() else f"invalid JSON ({exc.msg} at column {exc.colno})"
         return _error_row(shard, row_number, "invalid_json", f"{where}: expected one JSON object per line, found "
                           f"{found}")
     except ValueError as exc:  # e.g. an integer of more digits than Python converts

@@ -593,3 +593,13 @@ def test_jsonl_columns_are_sampled_from_the_first_lines(tmp_path: Path) -> None:
     assert read.input_columns(InputSpec(path=str(path), format="jsonl"), info) == ["rid", "text", "extra"]
     path.write_bytes(b"not json\n[1]\n")
     assert read.input_columns(InputSpec(path=str(path), format="jsonl"), list_files(str(path))[0]) is None
+
+
+def test_an_unterminated_jsonl_string_is_reported_as_such(tmp_path: Path) -> None:
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(b'{"text": "unterminated\n{"text": "ok"}\n')
+
+    errors = errors_by_row(read_all(path, "jsonl"))
+
+    assert errors[0][1] == f"{path} line 1: expected one JSON object per line, found invalid JSON (Unterminated string " \
+                           "starting at at column 10)"
