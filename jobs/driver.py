@@ -9,26 +9,28 @@ import json
 import logging
 import os
 import platform
+import socket
+import threading
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from datetime import datetime, timezone
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
 from importlib import metadata
 from pathlib import Path
 
 from qwen_batch.jobs.progress import Progress
-from pyarrow import ArrowException
 
 from qwen_batch.pipelines import storage
 from qwen_batch.pipelines.engine import EngineConfig
 from qwen_batch.pipelines.prompts import PromptConfig, Routes
-from qwen_batch.pipelines.read import ReadConfig, Shard, input_columns, plan_shards
+from qwen_batch.pipelines.read import COLUMN_SAMPLE_ROWS, ReadConfig, Shard, input_columns, plan_shards
 from qwen_batch.pipelines.structured import StructuredOutput
 from qwen_batch.pipelines.write import OPENAI_DIR, Layout, WriteConfig, read_commit
 from qwen_batch.schemas.catalog import ModelVariant, get_variant
 from qwen_batch.schemas.errors import SpecError
-from qwen_batch.schemas.results import RESULT_COLUMNS, CommitRecord, JobManifest, RunRecord, Totals
+from qwen_batch.schemas.results import CommitRecord, JobManifest, LeaseRecord, RunRecord, Totals
 from qwen_batch.schemas.spec import JobSpec, ModelSpec
 
 log = logging.getLogger(__name__)
@@ -37,6 +39,11 @@ JOB_FILE = "_job.json"
 MANIFEST_FILE = "_manifest.json"
 OPENAI_OUTPUT_FILE = f"{OPENAI_DIR}/output.jsonl"
 RUNS_DIR = "_runs"
+LEASE_DIR = "_lease"
+LEASE_TTL_S = 120.0
+"""A lease whose holder has not renewed it for this long is free (its driver died without releasing it)."""
+HEARTBEAT_S = 30.0
+"""How often a run renews its lease and rewrites its run record."""
 MODEL_DIR_ENV = "QWEN_BATCH_MODEL_DIR"
 
 
@@ -71,6 +78,11 @@ class JobPlan:
     shards: list[Shard]
     bad_files: list[str]
     models: list[ModelPlan]
+    inputs: dict[str, str] = field(default_factory=dict)
+    """Every input file planned, by path relative to input.path: its size and fingerprint, as the job record keeps
+    them to refuse a resume over changed input."""
+    overwrite: bool = False
+    """Whether the run empties the output folder when it claims it (--overwrite)."""
 
     def todo(self, model: ModelPlan) -> list[Shard]:
         """Shards the model has not committed yet."""
@@ -98,8 +110,11 @@ def resolve_model(model: ModelSpec) -> tuple[ModelVariant, str]:
 
 
 def plan_job(spec: JobSpec, *, overwrite: bool = False) -> JobPlan:
-    """Check the spec against the input, the models and the output, and plan the shards; SpecError on any problem."""
-    problems: list[str] = []
+    """Check the spec against the input, the models and the output, and plan the shards; SpecError on any problem.
+
+    Planning writes and deletes nothing: with `overwrite`, the plan lists what the run deletes when it claims the
+    output folder, after every check here has passed."""
+    problems = _output_path_problems(spec)
     resolved = []
     for where, model in _model_fields(spec):
         variant, loads = resolve_model(model)
@@ -113,36 +128,105 @@ def plan_job(spec: JobSpec, *, overwrite: bool = False) -> JobPlan:
         if model.thinking == "on" and not variant.thinking:
             problems.append(f"{where}.thinking: found 'on'; {variant.name} has no thinking mode")
         resolved.append((model, variant, loads, max_model_len))
-    clashing = sorted(set(spec.input.carry_columns) & RESULT_COLUMNS)
-    if clashing:
-        problems.append(f"input.carry_columns: {clashing} clash with output columns of the same name; rename them")
     files = storage.list_files(spec.input.path, spec.input.storage_options)
-    needed = [c for c in (spec.input.id_column, *prompt_columns(spec), *spec.input.carry_columns) if c]
-    for info in files if spec.input.format in ("parquet", "csv") else []:
-        try:
-            columns = input_columns(spec.input, info)
-        except (OSError, ArrowException, ValueError):
-            continue  # an unreadable file is plan_shards' to refuse or skip, as input.on_bad_file says
-        missing = [c for c in needed if columns is not None and c not in columns]
-        if missing:
-            problems.append(f"input file {info.url} has no column(s) {missing} that the spec uses "
-                            f"(prompt, route_column, input.id_column or input.carry_columns); it has {columns}")
+    problems += _column_problems(spec, files)
     if problems:
         raise SpecError(problems)
     layout = Layout(spec.output.path.rstrip("/"))
     job_id = f"{spec.name}-{spec.output_hash()}"
-    _check_output(spec, layout, job_id, overwrite)
+    inputs = {info.relpath: f"{info.size}:{info.fingerprint}" for info in files}
+    if not overwrite:
+        _check_output(spec, layout, job_id, inputs)
     shards, bad_files = plan_shards(spec.input, files)
+    _check_rows(spec, files, shards, bad_files)
     planned = {s.shard_id for s in shards}
     models = []
     for model, variant, loads, max_model_len in resolved:
-        committed = _committed(layout, model.output_name, spec)
+        committed = set() if overwrite else _committed(layout, model.output_name, spec)
         if committed - planned:
-            raise SpecError(f"output.path {layout.output} holds {len(committed - planned)} committed shard(s) that "
-                            "are not in today's plan: the input changed since the job's first run. Write to a new "
-                            "output path, or rerun with --overwrite to start over.")
+            raise SpecError(f"output.path {storage.display_url(layout.output)} holds {len(committed - planned)} "
+                            "committed shard(s) that are not in today's plan: the input changed since the job's first "
+                            "run. Write to a new output path, or rerun with --overwrite to start over.")
         models.append(ModelPlan(model, variant, loads, max_model_len, frozenset(committed)))
-    return JobPlan(spec, job_id, layout, shards, bad_files, models)
+    plan = JobPlan(spec, job_id, layout, shards, bad_files, models, inputs, overwrite)
+    _check_prompt_room(plan)
+    return plan
+
+
+def _output_path_problems(spec: JobSpec) -> list[str]:
+    """output.path must be a folder of its own: not a store's root, not the input, not holding it, not inside it."""
+    output, given, source = storage.location(spec.output.path), spec.output.path, spec.input.path
+    shown, input_shown = storage.display_url(given), storage.display_url(source)
+    if output.is_root:
+        root = output.store or "the local file system"
+        return [f"output.path: found {shown!r}, the root of {root}; give a folder of its own for the job's output "
+                "(--overwrite empties it)"]
+    inputs = storage.location(source)
+    if output.contains(inputs):
+        return [f"output.path: found {shown!r}, which is or holds input.path {input_shown!r}: --overwrite would "
+                "delete the input, and the output would be read back as input; write to a folder outside the input"]
+    if inputs.contains(output):
+        return [f"output.path: found {shown!r}, which lies inside input.path {input_shown!r}: the next run would read "
+                "the output as input; write to a folder outside the input"]
+    return []
+
+
+def _column_problems(spec: JobSpec, files: list[storage.FileInfo]) -> list[str]:
+    """Columns the spec uses that an input file lacks: Parquet footers, CSV headers, the first lines of JSONL."""
+    needed = [c for c in (spec.input.id_column, *prompt_columns(spec), *spec.input.carry_columns) if c]
+    problems = []
+    for info in files:
+        columns = input_columns(spec.input, info)
+        missing = [c for c in needed if columns is not None and c not in columns]
+        if missing:
+            has = (f"the JSON objects of its first {COLUMN_SAMPLE_ROWS} lines have {columns}"
+                   if spec.input.format == "jsonl" else f"it has {columns}")
+            problems.append(f"input file {storage.display_url(info.url)} has no column(s) {missing} that the spec "
+                            f"uses (prompt, route_column, input.id_column or input.carry_columns); {has}")
+    return problems
+
+
+def _check_rows(spec: JobSpec, files: list[storage.FileInfo], shards: list[Shard], bad_files: list[str]) -> None:
+    """Refuse an input without a single row; warn about the files that hold none."""
+    with_rows = {s.file for s in shards}
+    empty = [storage.display_url(f.url) for f in files
+             if f.url not in with_rows and storage.display_url(f.url) not in bad_files]
+    if not shards:
+        skipped = f", {len(bad_files)} skipped as unreadable" if bad_files else ""
+        raise SpecError(f"input.path {storage.display_url(spec.input.path)}: its {len(files)} file(s) hold no rows "
+                        f"({len(empty)} empty or header only{skipped}); check input.path and input.format")
+    if empty:
+        log.warning("%d input file(s) hold no rows and are left out: %s%s", len(empty), ", ".join(empty[:5]),
+                    ", ..." if len(empty) > 5 else "")
+
+
+_MARKUP_TOKENS = 128  # more than any Qwen chat template adds around the messages, its default system message included
+
+
+def _check_prompt_room(plan: JobPlan) -> None:
+    """Refuse a model whose max_model_len cannot hold even the shortest prompt (the system message and the
+    template's own text, one character per column) plus max_tokens. Needs the tokenizer: checked for local
+    checkpoints only, as a hub id would mean a download."""
+    from qwen_batch.pipelines.prompts import PromptStage
+
+    spec, problems = plan.spec, []
+    text = (spec.prompt.system or "") + (spec.prompt.template or "")
+    for (where, _), model in zip(_model_fields(spec), plan.models):
+        if len(text.encode()) + _MARKUP_TOKENS + spec.sampling.max_tokens <= model.max_model_len:
+            continue  # fits for sure (a token is at least a byte): no tokenizer needed
+        if not os.path.isdir(model.model):
+            continue
+        stage = PromptStage(stage_configs(plan, model, "planning", {})[1])
+        shortest = ({spec.prompt.messages_column: [{"role": "user", "content": "x"}]} if spec.prompt.messages_column
+                    else dict.fromkeys(spec.prompt.columns, "x"))
+        tokens = len(stage.encoder.encode(stage.messages(shortest)))
+        if tokens + spec.sampling.max_tokens > model.max_model_len:
+            problems.append(f"{where}.max_model_len: found {model.max_model_len}; the shortest possible prompt (system "
+                            f"message and template text) is {tokens} tokens, and with sampling.max_tokens "
+                            f"{spec.sampling.max_tokens} no row fits. Raise max_model_len to at least "
+                            f"{tokens + spec.sampling.max_tokens}, lower max_tokens, or shorten prompt.system")
+    if problems:
+        raise SpecError(problems)
 
 
 def _model_fields(spec: JobSpec) -> list[tuple[str, ModelSpec]]:
@@ -157,29 +241,58 @@ def prompt_columns(spec: JobSpec) -> list[str]:
     return [*spec.prompt.columns, *([spec.route_column] if spec.route_column else [])]
 
 
-def _check_output(spec: JobSpec, layout: Layout, job_id: str, overwrite: bool) -> None:
-    """Refuse an output folder holding another job's data unless overwriting (which empties it)."""
-    options = spec.output.storage_options
+def _output_files(layout: Layout, options: dict) -> list[str]:
+    """Every file in the output folder but the lease's."""
+    return [url for url in storage.list_names(layout.output, options) if not url.startswith(layout.url(LEASE_DIR) + "/")]
+
+
+def _check_output(spec: JobSpec, layout: Layout, job_id: str, inputs: dict[str, str]) -> None:
+    """Refuse an output folder holding another job's data, foreign files or output of other input (which only
+    --overwrite replaces)."""
+    existing = _output_files(layout, spec.output.storage_options)
+    shown = storage.display_url(layout.output)
     job_url = layout.url(JOB_FILE)
-    existing = storage.list_names(layout.output, options)
-    if overwrite and existing:
-        log.warning("--overwrite: deleting %d file(s) under %s", len(existing), layout.output)
-        storage.delete_prefix(layout.output, options)
-    elif storage.exists(job_url, options):
-        other = json.loads(storage.read_bytes(job_url, options))
-        if other.get("job_id") != job_id:
-            raise SpecError(f"output.path {layout.output} holds job {other.get('job_id')!r}, not {job_id!r} (the spec "
-                            "changed: input, prompt, model, sampling or prices). Use a new output path, or rerun "
+    if job_url in existing:
+        record = json.loads(storage.read_bytes(job_url, spec.output.storage_options))
+        if record.get("job_id") != job_id:
+            raise SpecError(f"output.path {shown} holds job {record.get('job_id')!r}, not {job_id!r} (the spec changed: "
+                            "input, prompt, model, sampling, prices or logical date). Use a new output path, or rerun "
                             "with --overwrite to replace its output.")
+        if "inputs" in record:
+            _check_same_inputs(spec, shown, record["inputs"], inputs)
     elif existing:
-        raise SpecError(f"output.path {layout.output} already holds {len(existing)} file(s) that no qwen-batch job "
-                        "wrote; pick an empty folder, or rerun with --overwrite to delete them")
+        raise SpecError(f"output.path {shown} already holds {len(existing)} file(s) that no qwen-batch job wrote; "
+                        "pick an empty folder, or rerun with --overwrite to delete them")
+
+
+def _check_same_inputs(spec: JobSpec, shown: str, recorded: dict[str, str], inputs: dict[str, str]) -> None:
+    """Refuse to resume over input files added, removed or changed (size or fingerprint) since the first run."""
+    changes = {
+        "added": sorted(set(inputs) - set(recorded)),
+        "removed": sorted(set(recorded) - set(inputs)),
+        "changed (size, ETag or modification time)": sorted(
+            name for name in set(inputs) & set(recorded) if inputs[name] != recorded[name]),
+    }
+    found = [f"{len(names)} {what}: {', '.join(names[:3])}{', ...' if len(names) > 3 else ''}"
+             for what, names in changes.items() if names]
+    if found:
+        raise SpecError(f"input.path {storage.display_url(spec.input.path)} is not the input the job in output.path "
+                        f"{shown} started from; since its first run, file(s) {'; '.join(found)}. Resuming would mix "
+                        "output of two inputs: write to a new output path, or rerun with --overwrite to start over.")
 
 
 def claim_output(plan: JobPlan) -> None:
-    """Mark the output folder as this job's, so a different spec is refused there until --overwrite."""
-    storage.write_bytes(plan.layout.url(JOB_FILE), json.dumps({"job_id": plan.job_id, "name": plan.spec.name}).encode(),
-                        plan.spec.output.storage_options)
+    """Mark the output folder as this job's, so a different spec is refused there until --overwrite; with
+    --overwrite, first delete what the folder holds. Called once planning has passed every check and the run holds
+    the lease, so the folder is checked again: another run may have claimed it since planning."""
+    options = plan.spec.output.storage_options
+    if not plan.overwrite:
+        _check_output(plan.spec, plan.layout, plan.job_id, plan.inputs)
+    elif existing := _output_files(plan.layout, options):
+        log.warning("--overwrite: deleting %d file(s) under %s", len(existing), storage.display_url(plan.layout.output))
+        storage.delete_files(plan.layout.output, existing, options)
+    record = {"job_id": plan.job_id, "name": plan.spec.name, "inputs": plan.inputs}
+    storage.write_bytes(plan.layout.url(JOB_FILE), json.dumps(record).encode(), options)
 
 
 def _committed(layout: Layout, variant: str, spec: JobSpec) -> set[str]:
@@ -196,33 +309,206 @@ def run_job(spec: JobSpec, *, address: str | None = None, overwrite: bool = Fals
 
     started_at, started = _now(), time.monotonic()
     plan = plan_job(spec, overwrite=overwrite)
-    claim_output(plan)
     run_id = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
-    work = [(model, plan.todo(model)) for model in plan.models]
-    for model, todo in work:
-        log.info("job %s, model %s: %d shards, %d rows; %d already committed, %d to run", plan.job_id, model.name,
-                 len(plan.shards), plan.rows, len(model.committed), len(todo))
-    committed_now, accelerator_seconds, accelerators = 0, 0.0, 0
-    if any(todo for _, todo in work):
-        with ray_cluster(address):
+    run = RunAccount(plan, run_id, started_at, started)
+    with OutputLease(plan, run_id, heartbeat=run.write):
+        with run:
+            claim_output(plan)
+            run.write()
+            work = [(model, plan.todo(model)) for model in plan.models]
             for model, todo in work:
-                if not todo:
-                    continue
-                model_started = time.monotonic()
-                replicas = plan_replicas(spec, model.spec, model.variant, model.max_model_len, cluster_nodes())
-                dataset = build_dataset(todo, *stage_configs(plan, model, run_id, replicas.llm_kwargs), replicas)
-                committed_now += _follow(dataset, model.name, todo, model_started)
-                accelerators = max(accelerators, replicas.accelerators)
-                accelerator_seconds += replicas.accelerators * (time.monotonic() - model_started)
-    wall = time.monotonic() - started
-    run = RunRecord(run_id=run_id, started_at=started_at, finished_at=_now(), wall_seconds=wall,
-                    shards_planned=len(plan.shards) * len(plan.models),
-                    shards_skipped=sum(len(m.committed) for m in plan.models),
-                    shards_committed=committed_now, accelerators=accelerators,
-                    accelerator_seconds=accelerator_seconds)
-    options = spec.output.storage_options
-    storage.write_bytes(plan.layout.url(f"{RUNS_DIR}/{run_id}.json"), run.model_dump_json().encode(), options)
-    return write_manifest(plan)
+                log.info("job %s, model %s: %d shards, %d rows; %d already committed, %d to run", plan.job_id,
+                         model.name, len(plan.shards), plan.rows, len(model.committed), len(todo))
+            if any(todo for _, todo in work):
+                with ray_cluster(address):
+                    for model, todo in work:
+                        if not todo:
+                            continue
+                        model_started = time.monotonic()
+                        replicas = plan_replicas(spec, model.spec, model.variant, model.max_model_len,
+                                                 cluster_nodes())
+                        dataset = build_dataset(todo, *stage_configs(plan, model, run_id, replicas.llm_kwargs),
+                                                replicas)
+                        with run.holding(replicas.accelerators):
+                            run.shards_committed += _follow(dataset, model.name, todo, model_started)
+        return write_manifest(plan)
+
+
+class RunAccount:
+    """What a run has done so far, kept as its run record `_runs/<run_id>.json`: rewritten by each heartbeat and
+    when the run ends, however it ends (`with run:`), so a failed or killed run still accounts for the
+    accelerator-seconds it held."""
+
+    def __init__(self, plan: JobPlan, run_id: str, started_at: str, started: float):
+        self.plan, self.run_id, self.started_at, self.started = plan, run_id, started_at, started
+        self.shards_committed = 0
+        self.accelerators = 0
+        self.accelerator_seconds = 0.0
+        self.outcome = "running"
+        self.error: str | None = None
+        self._held: tuple[int, float] | None = None  # accelerators held now, since when (monotonic)
+        self._lock = threading.Lock()
+
+    def holding(self, accelerators: int) -> _Holding:
+        """`with run.holding(n):` the engines hold n accelerators for the block's duration."""
+        return _Holding(self, accelerators)
+
+    def record(self) -> RunRecord:
+        with self._lock:
+            held = self.accelerator_seconds
+            if self._held is not None:
+                held += self._held[0] * (time.monotonic() - self._held[1])
+        return RunRecord(run_id=self.run_id, started_at=self.started_at, finished_at=_now(),
+                         wall_seconds=time.monotonic() - self.started,
+                         shards_planned=len(self.plan.shards) * len(self.plan.models),
+                         shards_skipped=sum(len(m.committed) for m in self.plan.models),
+                         shards_committed=self.shards_committed, accelerators=self.accelerators,
+                         accelerator_seconds=held, outcome=self.outcome,
+                         error=self.error)  # type: ignore[arg-type]
+
+    def write(self) -> None:
+        """Write the run record as it stands."""
+        storage.write_bytes(self.plan.layout.url(f"{RUNS_DIR}/{self.run_id}.json"),
+                            self.record().model_dump_json().encode(), self.plan.spec.output.storage_options)
+
+    def __enter__(self) -> RunAccount:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, traceback: object) -> None:
+        if error is None:
+            self.outcome = "finished"
+        else:
+            interrupted = isinstance(error, (KeyboardInterrupt, SystemExit))
+            self.outcome = "interrupted" if interrupted else "failed"
+            self.error = storage.redact_text(f"{type(error).__name__}: {error}")[:2000]
+        try:
+            self.write()
+        except Exception as failure:  # never hide the error that ended the run
+            log.warning("could not write the run record of %s: %s", self.run_id, type(failure).__name__)
+            if error is None:
+                raise
+
+
+class _Holding:
+    def __init__(self, run: RunAccount, accelerators: int):
+        self.run, self.accelerators = run, accelerators
+
+    def __enter__(self) -> None:
+        with self.run._lock:
+            self.run.accelerators = max(self.run.accelerators, self.accelerators)
+            self.run._held = (self.accelerators, time.monotonic())
+
+    def __exit__(self, *exc: object) -> None:
+        with self.run._lock:
+            count, since = self.run._held  # type: ignore[misc]
+            self.run.accelerator_seconds += count * (time.monotonic() - since)
+            self.run._held = None
+
+
+class OutputLease:
+    """A run's hold on its output folder, so no second run (of this spec or another) writes there at once.
+
+    The lease is a create-only object `_lease/<generation>.json` (a conditional put on S3, a hard link locally):
+    taking it when free, or taking over an expired one by creating the next generation, can succeed for one run
+    only. A heartbeat thread renews it every HEARTBEAT_S; it is free once released, once LEASE_TTL_S passes
+    without renewal, or at once when its holder's driver, on this same host, is no longer running.
+    """
+
+    def __init__(self, plan: JobPlan, run_id: str, heartbeat: Callable[[], None] = lambda: None):
+        self.plan, self.run_id, self.heartbeat = plan, run_id, heartbeat
+        self.options = plan.spec.output.storage_options
+        self.url: str | None = None
+        self.since = _now()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name=f"lease-{run_id}", daemon=True)
+
+    def __enter__(self) -> OutputLease:
+        self.acquire()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.release()
+
+    def acquire(self) -> None:
+        """Take the lease; SpecError naming the holder if another run holds it."""
+        folder = self.plan.layout.url(LEASE_DIR)
+        generations = sorted(self._generations(folder))
+        newest = generations[-1] if generations else 0
+        if newest:
+            holder = self._holder(newest)
+            if holder is not None and _is_live(holder):
+                raise SpecError(self._held_by(holder))
+        self.url = f"{folder}/{newest + 1:010d}.json"
+        if not storage.create_only(self.url, self._record().model_dump_json().encode(), self.options):
+            holder, self.url = self._holder(newest + 1), None
+            raise SpecError(self._held_by(holder) if holder else f"output.path {self._shown()} was just claimed by "
+                            "another run; rerun once it has finished")
+        stale = [f"{folder}/{generation:010d}.json" for generation in generations]
+        storage.delete_files(folder, stale, self.options)
+
+    def release(self) -> None:
+        """Give the lease up (a failure to is logged: the lease then expires by itself)."""
+        if self.url is None:
+            return
+        try:
+            storage.delete_files(self.plan.layout.url(LEASE_DIR), [self.url], self.options)
+        except Exception as error:
+            log.warning("could not release the lease %s (%s); it expires in %.0f s", storage.display_url(self.url),
+                        type(error).__name__, LEASE_TTL_S)
+        self.url = None
+
+    def _beat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            try:
+                storage.write_bytes(self.url, self._record().model_dump_json().encode(), self.options)  # type: ignore[arg-type]
+                self.heartbeat()
+            except Exception as error:
+                log.warning("heartbeat of run %s failed (%s); retrying in %.0f s", self.run_id, type(error).__name__,
+                            HEARTBEAT_S)
+
+    def _record(self) -> LeaseRecord:
+        now = datetime.now(timezone.utc)
+        return LeaseRecord(run_id=self.run_id, host=socket.gethostname(), pid=os.getpid(), since=self.since,
+                           renewed_at=now.isoformat(timespec="seconds"),
+                           expires_at=(now + timedelta(seconds=LEASE_TTL_S)).isoformat(timespec="seconds"))
+
+    def _generations(self, folder: str) -> list[int]:
+        names = [url.rsplit("/", 1)[-1].removesuffix(".json") for url in storage.list_names(folder, self.options)]
+        return [int(name) for name in names if name.isdigit()]
+
+    def _holder(self, generation: int) -> LeaseRecord | None:
+        try:
+            data = storage.read_bytes(f"{self.plan.layout.url(LEASE_DIR)}/{generation:010d}.json", self.options)
+        except FileNotFoundError:
+            return None  # released meanwhile
+        return LeaseRecord.model_validate_json(data)
+
+    def _shown(self) -> str:
+        return storage.display_url(self.plan.layout.output)
+
+    def _held_by(self, holder: LeaseRecord) -> str:
+        return (f"output.path {self._shown()} is held by run {holder.run_id} (host {holder.host}, pid {holder.pid}, "
+                f"since {holder.since}, last heartbeat {holder.renewed_at}): another run is writing there. Wait for "
+                f"it to finish or stop it; if its driver died elsewhere, the lease frees itself at "
+                f"{holder.expires_at}.")
+
+
+def _is_live(holder: LeaseRecord) -> bool:
+    """Not expired, and, when held from this host, by a process that still runs."""
+    if datetime.fromisoformat(holder.expires_at) <= datetime.now(timezone.utc):
+        return False
+    if holder.host != socket.gethostname():
+        return True
+    try:
+        os.kill(holder.pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _follow(dataset, model: str, todo: list[Shard], started: float) -> int:
@@ -306,7 +592,7 @@ def write_manifest(plan: JobPlan) -> JobManifest:
     compute_cost = accelerator_seconds / 3600 * spec.prices.accelerator_hour
     manifest = JobManifest(
         job_id=plan.job_id, name=spec.name, spec_hash=spec.output_hash(),
-        spec=storage.redact(spec.model_dump(mode="json")), output_path=layout.output,
+        spec=storage.redact(spec.model_dump(mode="json")), output_path=storage.display_url(layout.output),
         started_at=runs[0].started_at if runs else _now(), finished_at=runs[-1].finished_at if runs else _now(),
         complete=_is_complete(plan, records), shards=len(records), rows_in=totals.rows, rows_ok=totals.rows_ok,
         rows_failed=totals.rows_failed, totals=totals, per_variant=per_variant, bad_files=plan.bad_files, runs=runs,

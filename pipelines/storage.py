@@ -36,7 +36,6 @@ __all__ = [
     "concatenate",
     "create_only",
     "delete_files",
-    "delete_prefix",
     "display_url",
     "exists",
     "filesystem",
@@ -476,17 +475,6 @@ def delete_files(folder_url: str, urls: list[str], storage_options: dict[str, An
                 pass
     elif paths:
         fs.rm(paths)
-
-
-@_retried
-def delete_prefix(url: str, storage_options: dict[str, Any] | None = None) -> None:
-    """Remove everything under a folder or prefix; nothing there is fine."""
-    fs, path = filesystem(url, storage_options)
-    try:
-        fs.rm(path, recursive=True)
-    except FileNotFoundError as error:
-        if _is_missing_bucket(error):
-            raise
 
 
 @_retried

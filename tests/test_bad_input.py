@@ -22,8 +22,10 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from qwen_batch.jobs.driver import claim_output, plan_job, run_job
-from qwen_batch.pipelines import storage
+from qwen_batch.jobs import driver
+from qwen_batch.jobs.driver import OutputLease, claim_output, plan_job, prompt_columns, run_job
+from qwen_batch.pipelines import read, storage
+from qwen_batch.pipelines.read import ReadConfig, read_shard
 from qwen_batch.pipelines.storage import RetryPolicy
 from qwen_batch.schemas.catalog import get_variant
 from qwen_batch.schemas.errors import SpecError
@@ -53,7 +55,7 @@ def spec_of(root: Path | str, **sections: Any) -> dict[str, Any]:
         "output": {"path": f"{root}/output"},
     }
     for section, fields in sections.items():
-        spec[section] = {**spec[section], **fields} if isinstance(fields, dict) else fields
+        spec[section] = {**spec.get(section, {}), **fields} if isinstance(fields, dict) else fields
     return spec
 
 
@@ -373,6 +375,11 @@ ROW_CASES: list[tuple[str, bytes, str | None, list[str]]] = [
      ["<file> row <row>: id column 'rid' is missing or null"]),
     ("absent-id", b'{"text": "no id at all"}', "missing_id", ["<file> row <row>: id column 'rid' is missing or null"]),
     ("good-unicode", '{"rid": "g4", "text": "naïve café ☕ 日本"}'.encode(), None, []),
+    ("good-path-like-id", b'{"rid": "../../escape", "text": "where does my id go"}', None, []),
+    ("deeply-nested", b'{"rid": "d1", "text": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "invalid_json",
+     ["<file> line <line>: expected one JSON object per line, found JSON nested too deeply to read"]),
+    ("huge-integer", b'{"rid": "h1", "text": "x", "n": ' + b"7" * 5000 + b"}", "invalid_json",
+     ["<file> line <line>: expected one JSON object per line, found JSON Python cannot read (Exceeds the limit"]),
 ]
 BAD_CASES = [case for case, _, error_type, _ in ROW_CASES if error_type is not None]
 
@@ -599,3 +606,571 @@ def check_ray_logs_hold_no_secret_or_text(s3, base_temp: Path) -> None:
         data = path.read_bytes()
         assert s3.secret_key.encode() not in data, path
         assert DISTINCTIVE.encode() not in data, path
+
+
+@pytest.mark.engine
+def test_ids_never_reach_file_names(row_job: dict[str, Any]) -> None:
+    """A row id like `../../escape` is data: output files are named by shard ids, never by row ids."""
+    root = Path(row_job["file"]).parent.parent
+    assert "../../escape" in row_job["table"].column("id").to_pylist()
+    names = sorted(str(path.relative_to(root)) for path in root.rglob("*") if path.is_file())
+    assert all(name.startswith(("input/", "output/")) for name in names), names
+    assert not any("escape" in name for name in names), names
+    assert not list(root.parent.glob("escape*"))
+
+
+# The output folder: never the input, never a store's root, and --overwrite deletes last and only inside it.
+
+
+@pytest.mark.parametrize(
+    ("output", "why"),
+    [
+        ("<root>/input", "which is or holds input.path"),
+        ("<root>/input/", "which is or holds input.path"),
+        ("file://<root>/input", "which is or holds input.path"),
+        ("<root>//input/.", "which is or holds input.path"),
+        ("<root>", "which is or holds input.path"),
+        ("<root>/input/out", "which lies inside input.path"),
+        ("<root>/input/a/../out", "which lies inside input.path"),
+        ("input", "which is or holds input.path"),
+        ("./input/out/", "which lies inside input.path"),
+    ],
+)
+def test_output_that_is_holds_or_lies_inside_the_input_is_refused(
+    parquet_input: Path, monkeypatch: pytest.MonkeyPatch, output: str, why: str
+) -> None:
+    monkeypatch.chdir(parquet_input)
+    path = output.replace("<root>", str(parquet_input))
+
+    error = planning_error(spec_of(parquet_input, output={"path": path}))
+
+    assert error.problems == [f"output.path: found {path!r}, {why} {str(parquet_input / 'input')!r}: "
+                              + error.problems[0].split(": ", 2)[2]]
+    assert "write to a folder outside the input" in error.problems[0]
+
+
+def test_output_beside_a_glob_input_inside_its_folder_is_refused(parquet_input: Path) -> None:
+    spec = spec_of(parquet_input, input={"path": f"{parquet_input}/input/*.parquet"},
+                   output={"path": f"{parquet_input}/input/results"})
+
+    [problem] = planning_error(spec).problems
+
+    assert problem.startswith(f"output.path: found '{parquet_input}/input/results', which lies inside input.path")
+
+
+def test_output_next_to_the_input_is_accepted(parquet_input: Path) -> None:
+    plan = plan_job(load_spec(spec_of(parquet_input, output={"path": f"{parquet_input}/input-results"})))
+    assert plan.layout.output == f"{parquet_input}/input-results"
+
+
+@pytest.mark.parametrize("output", ["/", "file:///", "/tmp/..", "s3://some-bucket", "s3://some-bucket/"])
+def test_output_at_a_store_root_is_refused(parquet_input: Path, output: str) -> None:
+    [problem] = planning_error(spec_of(parquet_input, output={"path": output})).problems
+
+    assert problem.startswith(f"output.path: found {output!r}, the root of ")
+    assert "give a folder of its own for the job's output" in problem
+
+
+@pytest.mark.parametrize("output", ["", "   "])
+def test_empty_output_path_is_refused_at_load(parquet_input: Path, output: str) -> None:
+    [problem] = planning_error(spec_of(parquet_input, output={"path": output})).problems
+
+    assert problem.startswith(f"output.path: found {output!r}; String should match pattern")
+
+
+@pytest.mark.s3
+@pytest.mark.parametrize("output", ["s3://<bucket>/<run>/input", "s3a://<bucket>/<run>//input/", "s3://<bucket>/<run>"])
+def test_s3_output_that_holds_the_input_is_refused(s3, output: str) -> None:
+    run = f"overlap-{uuid.uuid4().hex[:8]}"
+    write_parquet(f"s3://{s3.bucket}/{run}/input/a.parquet", [{"rid": "a0", "text": "hello"}])
+    path = output.replace("<bucket>", s3.bucket).replace("<run>", run)
+
+    [problem] = planning_error(spec_of(f"s3://{s3.bucket}/{run}", output={"path": path})).problems
+
+    assert problem.startswith(f"output.path: found {path!r}, which is or holds input.path")
+
+
+def earlier_job_output(root: Path) -> list[str]:
+    """An output folder written by an earlier job of another spec, and a sibling folder that is none of ours."""
+    first = plan_job(load_spec(spec_of(root, sampling={"max_tokens": MAX_TOKENS + 1})))
+    claim_output(first)
+    storage.write_bytes(str(root / "output" / "_commits" / "bad-input" / "x.json"), b"{}")
+    storage.write_bytes(str(root / "output-sibling" / "keep.txt"), b"not ours")
+    storage.write_bytes(str(root / "outputx"), b"not ours either")
+    return sorted(storage.list_names(str(root)))
+
+
+@pytest.mark.parametrize(
+    "breaks",
+    [
+        {"prompt": {"template": "Say {missing_column}"}},
+        {"input": {"on_bad_file": "fail"}, "corrupt": True},
+        {"model": {"max_model_len": 100_000_000}},
+        {"lease": True},
+    ],
+    ids=["missing-column", "corrupt-file", "bad-max-model-len", "held-by-another-run"],
+)
+def test_overwrite_deletes_nothing_when_anything_refuses(parquet_input: Path, breaks: dict[str, Any]) -> None:
+    before = earlier_job_output(parquet_input)
+    if breaks.pop("corrupt", False):
+        (parquet_input / "input" / "c.parquet").write_bytes(b"PAR1 garbage PAR1")
+    holder = None
+    if breaks.pop("lease", False):
+        holder = OutputLease(plan_job(load_spec(spec_of(parquet_input)), overwrite=True), "other-run")
+        holder.acquire()
+    spec = load_spec(spec_of(parquet_input, **breaks))
+
+    with pytest.raises(SpecError):
+        run_job(spec, overwrite=True)
+
+    after = sorted(storage.list_names(str(parquet_input)))
+    kept = [url for url in after if "/input/" not in url and "/_lease/" not in url]
+    assert kept == [url for url in before if "/input/" not in url]
+    if holder is not None:
+        holder.release()
+
+
+def test_overwrite_deletes_only_inside_the_output_folder_and_only_when_the_run_claims_it(parquet_input: Path) -> None:
+    before = earlier_job_output(parquet_input)
+    plan = plan_job(load_spec(spec_of(parquet_input)), overwrite=True)
+    assert sorted(storage.list_names(str(parquet_input))) == before  # planning deleted nothing
+
+    claim_output(plan)
+
+    after = sorted(storage.list_names(str(parquet_input)))
+    assert [url for url in after if "/output/" not in url] == [url for url in before if "/output/" not in url]
+    assert [url for url in after if "/output/" in url] == [str(parquet_input / "output" / "_job.json")]
+
+
+def test_a_run_that_claimed_the_folder_after_planning_is_noticed_at_claim(parquet_input: Path) -> None:
+    first = plan_job(load_spec(spec_of(parquet_input)))
+    second = plan_job(load_spec(spec_of(parquet_input, sampling={"max_tokens": MAX_TOKENS + 1})))
+    claim_output(first)  # another spec's run got the lease first and claimed the empty folder
+
+    with pytest.raises(SpecError, match=f"holds job {first.job_id!r}, not {second.job_id!r}"):
+        claim_output(second)
+
+
+# Column names the pipeline uses itself are refused as carry columns.
+
+
+@pytest.mark.parametrize(
+    ("carry", "names"),
+    [
+        (["_shard"], "['_shard']"), (["_prompt"], "['_prompt']"), (["_error_type"], "['_error_type']"),
+        (["_request"], "['_request']"), (["_mine"], "['_mine']"), (["id"], "['id']"),
+        (["source_file", "text"], "['source_file']"), (["prompt_token_ids"], "['prompt_token_ids']"),
+        (["cost_usd"], "['cost_usd']"),
+    ],
+)
+def test_reserved_carry_column_is_a_spec_error_naming_the_field(parquet_input: Path, carry: list[str],
+                                                                 names: str) -> None:
+    [problem] = planning_error(spec_of(parquet_input, input={"carry_columns": carry})).problems
+
+    assert problem.startswith(f"input.carry_columns: found a list of {len(carry)} item(s); {names} are the pipeline's "
+                              "own column names")
+    assert "rename the input column" in problem
+
+
+def test_repeated_carry_column_is_a_spec_error_naming_it(parquet_input: Path) -> None:
+    [problem] = planning_error(spec_of(parquet_input, input={"carry_columns": ["text", "rid", "text"]})).problems
+
+    assert problem == ("input.carry_columns: found a list of 3 item(s); ['text'] appear more than once; name each "
+                       "column once")
+
+
+# validate catches what cannot work before any engine starts.
+
+
+def write_jsonl(path: Path, records: list[Any]) -> None:
+    storage.write_bytes(str(path), "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records).encode())
+
+
+@pytest.mark.parametrize(
+    ("sections", "missing"),
+    [
+        ({"prompt": {"template": "Say {body}"}}, "['body']"),
+        ({"input": {"id_column": "key"}}, "['key']"),
+        ({"input": {"carry_columns": ["topic"]}}, "['topic']"),
+    ],
+    ids=["template", "id-column", "carry-column"],
+)
+def test_jsonl_column_no_sampled_row_has_is_refused_naming_the_file(tmp_path: Path, sections: dict,
+                                                                     missing: str) -> None:
+    write_jsonl(tmp_path / "input" / "a.jsonl", ["not json", {"rid": "a0", "text": "hi"}, [1, 2]])
+    sections = {"input": {"format": "jsonl", **sections.get("input", {})},
+                **{k: v for k, v in sections.items() if k != "input"}}
+
+    [problem] = planning_error(spec_of(tmp_path, **sections)).problems
+
+    assert problem == (f"input file {tmp_path / 'input' / 'a.jsonl'} has no column(s) {missing} that the spec uses "
+                       "(prompt, route_column, input.id_column or input.carry_columns); the JSON objects of its first "
+                       f"{read.COLUMN_SAMPLE_ROWS} lines have ['rid', 'text']")
+
+
+def test_jsonl_column_some_sampled_rows_have_is_accepted(tmp_path: Path) -> None:
+    write_jsonl(tmp_path / "input" / "a.jsonl", [{"rid": "a0", "title": "x"}, {"rid": "a1", "text": "hi"}])
+    assert plan_job(load_spec(spec_of(tmp_path, input={"format": "jsonl"}))).rows == 2
+
+
+@pytest.mark.parametrize(
+    ("files", "found"),
+    [
+        ({"a.jsonl": b""}, "its 1 file(s) hold no rows (1 empty or header only)"),
+        ({"a.jsonl": b"", "b.jsonl": b""}, "its 2 file(s) hold no rows (2 empty or header only)"),
+    ],
+)
+def test_input_without_a_single_row_is_refused(tmp_path: Path, files: dict[str, bytes], found: str) -> None:
+    for name, data in files.items():
+        storage.write_bytes(str(tmp_path / "input" / name), data)
+
+    [problem] = planning_error(spec_of(tmp_path, input={"format": "jsonl"})).problems
+
+    assert problem == f"input.path {tmp_path / 'input'}: {found}; check input.path and input.format"
+
+
+def test_csv_input_with_only_headers_is_refused(tmp_path: Path) -> None:
+    storage.write_bytes(str(tmp_path / "input" / "a.csv"), b"rid,text\n")
+
+    [problem] = planning_error(spec_of(tmp_path, input={"format": "csv"})).problems
+
+    assert problem.startswith(f"input.path {tmp_path / 'input'}: its 1 file(s) hold no rows")
+
+
+def test_empty_files_beside_rows_are_warned_about(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    write_jsonl(tmp_path / "input" / "a.jsonl", [{"rid": "a0", "text": "hi"}])
+    storage.write_bytes(str(tmp_path / "input" / "b.jsonl"), b"")
+
+    assert plan_job(load_spec(spec_of(tmp_path, input={"format": "jsonl"}))).rows == 1
+    assert f"1 input file(s) hold no rows and are left out: {tmp_path / 'input' / 'b.jsonl'}" in caplog.text
+
+
+def test_max_model_len_below_the_system_prompt_is_refused(parquet_input: Path, tiny_models: dict[str, Path]) -> None:
+    spec = spec_of(parquet_input, model={"variant": "tiny-qwen2", "max_model_len": 64},
+                   prompt={"system": "Be brief. " * 40, "template": TEMPLATE})
+
+    [problem] = planning_error(spec).problems
+
+    assert problem.startswith("model.max_model_len: found 64; the shortest possible prompt (system message and "
+                              "template text) is ")
+    assert f"and with sampling.max_tokens {MAX_TOKENS} no row fits. Raise max_model_len to at least " in problem
+
+
+def test_max_model_len_that_fits_the_system_prompt_is_accepted(parquet_input: Path,
+                                                               tiny_models: dict[str, Path]) -> None:
+    spec = spec_of(parquet_input, model={"variant": "tiny-qwen2", "max_model_len": 64})
+    assert plan_job(load_spec(spec)).models[0].max_model_len == 64
+
+
+# Resume trusts the input only while it is the same: files added, removed or changed are refused.
+
+
+@pytest.mark.parametrize("change", ["changed-same-size", "added", "removed", "grown"])
+def test_resume_over_changed_input_is_refused_naming_the_files(parquet_input: Path, change: str) -> None:
+    claim_output(plan_job(load_spec(spec_of(parquet_input))))
+    a = parquet_input / "input" / "a.parquet"
+    if change == "changed-same-size":
+        data = a.read_bytes()
+        write_parquet(a, [{"rid": "a0", "text": "HELLO"}, {"rid": "a1", "text": "BYE"}])
+        assert len(a.read_bytes()) == len(data)
+        os.utime(a, ns=(10**18, 10**18))
+    elif change == "added":
+        write_parquet(parquet_input / "input" / "sub" / "new.parquet", [{"rid": "n0", "text": "new"}])
+    elif change == "removed":
+        (parquet_input / "input" / "b.parquet").unlink()
+    else:
+        write_parquet(a, [{"rid": "a0", "text": "hello"}, {"rid": "a1", "text": "bye"}, {"rid": "a2", "text": "+"}])
+    named = {"changed-same-size": "1 changed (size, ETag or modification time): a.parquet",
+             "added": "1 added: sub/new.parquet", "removed": "1 removed: b.parquet",
+             "grown": "1 changed (size, ETag or modification time): a.parquet"}[change]
+
+    message = str(planning_error(spec_of(parquet_input)))
+
+    assert message == (f"input.path {parquet_input / 'input'} is not the input the job in output.path "
+                       f"{parquet_input / 'output'} started from; since its first run, file(s) {named}. Resuming "
+                       "would mix output of two inputs: write to a new output path, or rerun with --overwrite to "
+                       "start over.")
+    assert plan_job(load_spec(spec_of(parquet_input)), overwrite=True).models[0].committed == frozenset()
+
+
+def test_resume_over_the_same_input_is_accepted(parquet_input: Path) -> None:
+    first = plan_job(load_spec(spec_of(parquet_input)))
+    claim_output(first)
+    assert plan_job(load_spec(spec_of(parquet_input))).shards == first.shards
+
+
+# The logical date is part of a scheduled job's identity.
+
+
+def test_logical_date_in_the_output_path_alone_gives_each_slot_its_own_job_id(parquet_input: Path) -> None:
+    from datetime import datetime
+
+    dated = spec_of(parquet_input, output={"path": f"{parquet_input}/out/{{ds}}"})
+    first, again, second = (load_spec(dated, datetime(2026, 11, day)) for day in (27, 27, 28))
+
+    assert plan_job(first).job_id == plan_job(again).job_id != plan_job(second).job_id
+    assert load_spec(spec_of(parquet_input)).output_hash() == load_spec(spec_of(parquet_input),
+                                                                         datetime(2026, 11, 27)).output_hash()
+
+
+# A run holds a lease on its output; every run leaves a run record.
+
+
+@pytest.fixture
+def quick_leases(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(driver, "HEARTBEAT_S", 0.05)
+
+
+def lease_files(root: Path) -> list[str]:
+    return storage.list_names(str(root / "output" / "_lease"))
+
+
+def test_a_held_lease_refuses_a_second_run_naming_the_holder(parquet_input: Path) -> None:
+    plan = plan_job(load_spec(spec_of(parquet_input)))
+    with OutputLease(plan, "first-run"):
+        holder = json.loads(storage.read_bytes(lease_files(parquet_input)[0]))
+        for other_spec in (spec_of(parquet_input), spec_of(parquet_input, sampling={"max_tokens": 7})):
+            with pytest.raises(SpecError) as caught:
+                run_job(load_spec(other_spec), overwrite=True)
+            assert str(caught.value) == (
+                f"output.path {parquet_input / 'output'} is held by run first-run (host {socket.gethostname()}, pid "
+                f"{os.getpid()}, since {holder['since']}, last heartbeat {holder['renewed_at']}): another run is "
+                f"writing there. Wait for it to finish or stop it; if its driver died elsewhere, the lease frees "
+                f"itself at {holder['expires_at']}.")
+    assert lease_files(parquet_input) == []  # released
+
+
+@pytest.mark.parametrize("stale", ["expired", "dead-pid"])
+def test_a_stale_lease_is_taken_over(parquet_input: Path, stale: str) -> None:
+    plan = plan_job(load_spec(spec_of(parquet_input)))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    record = {"run_id": "gone", "host": socket.gethostname(), "pid": int(dead.stdout), "since": "2026-01-01T00:00:00+00:00",
+              "renewed_at": "2026-01-01T00:00:00+00:00", "expires_at": "2999-01-01T00:00:00+00:00"}
+    if stale == "expired":
+        record.update(pid=os.getpid(), expires_at="2026-01-01T00:02:00+00:00")
+    storage.write_bytes(str(parquet_input / "output" / "_lease" / "0000000007.json"), json.dumps(record).encode())
+
+    with OutputLease(plan, "second-run"):
+        [url] = lease_files(parquet_input)
+        assert url.endswith("/_lease/0000000008.json")
+        assert json.loads(storage.read_bytes(url))["run_id"] == "second-run"
+    assert lease_files(parquet_input) == []
+
+
+@pytest.mark.s3
+def test_lease_on_s3_has_one_winner(s3) -> None:
+    root = f"s3://{s3.bucket}/lease-{uuid.uuid4().hex[:8]}"
+    write_parquet(f"{root}/input/a.parquet", [{"rid": "a0", "text": "hello"}])
+    plan = plan_job(load_spec(spec_of(root)))
+
+    with OutputLease(plan, "first-run"):
+        with pytest.raises(SpecError, match="is held by run first-run"):
+            OutputLease(plan, "second-run").acquire()
+    with OutputLease(plan, "third-run"):
+        assert [json.loads(storage.read_bytes(u))["run_id"] for u in storage.list_names(f"{root}/output/_lease")] == [
+            "third-run"]
+
+
+def fake_cluster(monkeypatch: pytest.MonkeyPatch, follow) -> None:
+    """Run jobs without Ray or vLLM: the engines 'hold' 3 accelerators while `follow` runs."""
+    import contextlib
+
+    from qwen_batch.cluster import local, resources
+    from qwen_batch.pipelines import pipeline
+
+    monkeypatch.setattr(local, "ray_cluster", lambda address: contextlib.nullcontext())
+    monkeypatch.setattr(resources, "cluster_nodes", lambda: [])
+    monkeypatch.setattr(resources, "plan_replicas", lambda *args: type("Replicas", (), {"accelerators": 3,
+                                                                                       "llm_kwargs": {}})())
+    monkeypatch.setattr(pipeline, "build_dataset", lambda *args, **kwargs: None)
+    monkeypatch.setattr(driver, "_follow", lambda dataset, model, todo, started: follow())
+
+
+def run_records(root: Path) -> list[dict[str, Any]]:
+    return [json.loads(storage.read_bytes(url)) for url in storage.list_names(str(root / "output" / "_runs"))]
+
+
+@pytest.mark.parametrize("ends", [RuntimeError("engine exploded"), KeyboardInterrupt()], ids=["failed", "interrupted"])
+def test_a_run_that_fails_leaves_a_run_record_with_its_accelerator_seconds(
+    parquet_input: Path, monkeypatch: pytest.MonkeyPatch, quick_leases: None, ends: BaseException
+) -> None:
+    seen: list[list[dict[str, Any]]] = []
+
+    def follow() -> int:
+        time.sleep(0.3)
+        seen.append(run_records(parquet_input))  # the heartbeat's record, while the run runs
+        raise ends
+
+    fake_cluster(monkeypatch, follow)
+
+    with pytest.raises(type(ends)):
+        run_job(load_spec(spec_of(parquet_input)))
+
+    [running] = seen[0]
+    assert running["outcome"] == "running" and running["accelerators"] == 3 and running["accelerator_seconds"] > 0
+    [record] = run_records(parquet_input)
+    assert record["outcome"] == ("failed" if isinstance(ends, RuntimeError) else "interrupted")
+    assert record["error"] == ("RuntimeError: engine exploded" if isinstance(ends, RuntimeError) else
+                               "KeyboardInterrupt: ")
+    assert record["accelerators"] == 3 and 0.9 <= record["accelerator_seconds"] <= 3 * 5
+    assert record["shards_committed"] == 0 and record["shards_planned"] == 2
+    assert lease_files(parquet_input) == []
+
+
+def test_a_failed_run_counts_in_the_next_runs_manifest(parquet_input: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def fail() -> int:
+        time.sleep(0.1)
+        raise RuntimeError("engine exploded")
+
+    fake_cluster(monkeypatch, fail)
+    with pytest.raises(RuntimeError):
+        run_job(load_spec(spec_of(parquet_input)))
+    fake_cluster(monkeypatch, lambda: 0)
+
+    manifest = run_job(load_spec(spec_of(parquet_input)))
+
+    assert [run.outcome for run in manifest.runs] == ["failed", "finished"]
+    assert manifest.accelerator_seconds == pytest.approx(sum(run.accelerator_seconds for run in manifest.runs))
+    assert manifest.accelerator_seconds >= 0.3
+
+
+# Secrets are redacted by value too, wherever they reach the manifest or a message.
+
+
+def test_secrets_in_values_never_reach_the_manifest(parquet_input: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    secrets = ["hf_QwenBatchSecretToken12345", "hunter2-db-pass", "Zm9vYmFyc2VjcmV0a2V5"]
+    fake_cluster(monkeypatch, lambda: 0)
+    spec = spec_of(parquet_input, engine={"env": {"HF_TOKEN": secrets[0], "MIRROR": f"token {secrets[0]}",
+                                                  "DATABASE_URL": f"postgresql://app:{secrets[1]}@db:5432/x",
+                                                  "AZURE": f"AccountName=a;AccountKey={secrets[2]};Suffix=x",
+                                                  "HEADERS": f"Authorization: Bearer {secrets[0]}"}})
+
+    run_job(load_spec(spec))
+
+    written = {url: storage.read_bytes(url) for url in storage.list_names(str(parquet_input / "output"))}
+    for url, data in written.items():
+        for secret in secrets:
+            assert secret.encode() not in data, (secret, url)
+    env = json.loads(written[str(parquet_input / "output" / "_manifest.json")])["spec"]["engine"]["env"]
+    assert env["HF_TOKEN"] == "***" and env["DATABASE_URL"] == "postgresql://***@db:5432/x"
+
+
+def test_credentials_in_an_input_url_never_reach_the_message(tmp_path: Path, fast_retries: RetryPolicy,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    url = f"https://reader:hunter2-pass@127.0.0.1:{closed_port()}/data.jsonl?X-Amz-Signature=deadbeef42"
+
+    message = str(planning_error(spec_of(tmp_path, input={"path": url, "format": "jsonl"})))
+
+    assert "hunter2-pass" not in message and "deadbeef42" not in message
+    assert "hunter2-pass" not in caplog.text and "deadbeef42" not in caplog.text
+
+
+# Storage outages are never bad files, whatever input.on_bad_file says.
+
+
+@pytest.mark.s3
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+def test_a_storage_outage_mid_read_fails_the_shard_instead_of_committing_bad_file_rows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fast_retries: RetryPolicy, fmt: str
+) -> None:
+    from s3server import S3Server
+
+    with S3Server(tmp_path / "s3") as server:
+        options = {"endpoint_url": server.endpoint_url, "key": server.access_key, "secret": server.secret_key,
+                   **NO_BOTOCORE_RETRIES}
+        root = f"s3://{server.bucket}/outage"
+        if fmt == "jsonl":
+            lines = "".join(json.dumps({"rid": f"r{i}", "text": f"row {i}"}) + "\n" for i in range(50))
+            storage.write_bytes(f"{root}/input/a.jsonl", lines.encode(), options)
+        else:
+            sink = io.BytesIO()
+            pq.write_table(pa.table({"rid": [f"r{i}" for i in range(50)], "text": ["x"] * 50}), sink,
+                           row_group_size=5)
+            storage.write_bytes(f"{root}/input/a.parquet", sink.getvalue(), options)
+        spec = load_spec(spec_of(root, input={"format": fmt, "on_bad_file": "skip", "storage_options": options,
+                                              "rows_per_shard": 50}))
+        [shard] = plan_job(spec).shards
+        monkeypatch.setattr(read, "SCAN_CHUNK_BYTES", 64)
+        reads = []
+        real_read_bytes, real_read_file = storage.read_bytes, storage.read_file
+
+        def stop_after_first_read(function):
+            def call(*args, **kwargs):
+                reads.append(args[0])
+                if len(reads) == 2:
+                    server.stop()  # the store goes away in the middle of the shard
+                return function(*args, **kwargs)
+            return call
+
+        monkeypatch.setattr(storage, "read_bytes", stop_after_first_read(real_read_bytes))
+        monkeypatch.setattr(storage, "read_file", stop_after_first_read(real_read_file))
+        if fmt == "parquet":
+            server.stop()
+
+        with pytest.raises(SpecError, match=f"cannot reach the storage endpoint {server.endpoint_url}"):
+            read_shard(shard, ReadConfig.of(spec.input, prompt_columns(spec)))
+
+
+# OpenAI batch requests whose sampling vLLM would refuse are invalid_request rows at read time.
+
+BAD_REQUESTS = [
+    ({"temperature": -1}, "body.temperature: found -1; input should be greater than or equal to 0; allowed: a finite "
+     "number in [0, 2]"),
+    ({"top_p": 0}, "body.top_p: found 0; input should be greater than 0; allowed: a finite number in (0, 1]"),
+    ({"stop": [""]}, "body.stop.0: found ''; string should have at least 1 character"),
+    ({"seed": "abc"}, "body.seed: found 'abc'; input should be a valid integer"),
+    ({"repetition_penalty": -0.5}, "body.repetition_penalty: found -0.5; input should be greater than 0"),
+    ({"presence_penalty": 2.5}, "body.presence_penalty: found 2.5; input should be less than or equal to 2"),
+    ({"frequency_penalty": float("nan")}, "body.frequency_penalty: found nan; input should be a finite number"),
+    ({"temperature": float("inf")}, "body.temperature: found inf; input should be a finite number"),
+]
+
+
+def test_openai_requests_outside_vllms_ranges_are_invalid_request_rows(tmp_path: Path) -> None:
+    requests = [{"custom_id": f"req-{i}", "method": "POST", "url": "/v1/chat/completions",
+                 "body": {"model": "m", "messages": [{"role": "user", "content": "hi"}], **body}}
+                for i, (body, _) in enumerate([({}, ""), *BAD_REQUESTS])]
+    storage.write_bytes(str(tmp_path / "input" / "batch.jsonl"),
+                        "".join(json.dumps(r) + "\n" for r in requests).encode())  # NaN and Infinity as JSON allows
+    spec = load_spec({**spec_of(tmp_path, input={"format": "openai-batch", "id_column": None}), "prompt": None})
+    [shard] = plan_job(spec).shards
+
+    rows = read_shard(shard, ReadConfig.of(spec.input, prompt_columns(spec))).to_pylist()
+
+    assert [row["id"] for row in rows] == [f"req-{i}" for i in range(len(requests))]
+    assert rows[0]["_error_type"] is None
+    for row, (_, message) in zip(rows[1:], BAD_REQUESTS):
+        assert row["_error_type"] == "invalid_request"
+        assert row["_error"].startswith(f"{tmp_path / 'input' / 'batch.jsonl'} line {row['source_row'] + 1}: {message}")
+
+
+# Rows that used to stop a job: each is one error row, the rows around it are read.
+
+CSV_ROW_CASES = [
+    ("stray-quote", b'5" screen,r1\n', None, ""),
+    ("quote-after-closing-quote", b'"12" and 14",r2\n', None, ""),
+    ("field-over-128-kib", b'"' + b"w" * (200 << 10) + b'",r3\n', None, ""),
+    ("carriage-return", b"a\rb,r4\n", "invalid_csv", "expected one record, found 2"),
+    ("too-many-fields", b"a,r5,extra\n", "invalid_csv", "expected 2 fields as in the header, found 3"),
+    ("invalid-utf8", b"caf\xe9,r6\n", "invalid_utf8", "is not valid UTF-8 (invalid continuation byte"),
+]
+
+
+@pytest.mark.parametrize("case", [case for case, _, _, _ in CSV_ROW_CASES])
+def test_csv_row_that_used_to_stop_the_job_is_one_row(tmp_path: Path, case: str) -> None:
+    index = next(i for i, (name, _, _, _) in enumerate(CSV_ROW_CASES) if name == case)
+    _, record, error_type, fragment = CSV_ROW_CASES[index]
+    source = tmp_path / "input" / "rows.csv"
+    storage.write_bytes(str(source), b"text,rid\nbefore,r0\n" + record + b"after,r9\n")
+    spec = load_spec(spec_of(tmp_path, input={"format": "csv"}))
+    [shard] = plan_job(spec).shards
+
+    rows = read_shard(shard, ReadConfig.of(spec.input, prompt_columns(spec))).to_pylist()
+
+    assert [row["source_row"] for row in rows] == [0, 1, 2]
+    assert rows[1]["_error_type"] == error_type
+    if error_type is None:
+        assert rows[1]["id"] == f"r{index + 1}"
+    else:
+        assert rows[1]["_error"].startswith(f"{source} record 2 (after the header)") and fragment in rows[1]["_error"]
+    assert rows[0]["id"] == "r0" and rows[2]["id"] == "r9"
