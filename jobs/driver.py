@@ -348,6 +348,7 @@ class RunAccount:
         self.error: str | None = None
         self._held: tuple[int, float] | None = None  # accelerators held now, since when (monotonic)
         self._lock = threading.Lock()
+        self._writing = threading.Lock()  # one write at a time, so the heartbeat never lands after the last one
 
     def holding(self, accelerators: int) -> _Holding:
         """`with run.holding(n):` the engines hold n accelerators for the block's duration."""
@@ -367,7 +368,12 @@ class RunAccount:
                          error=self.error)  # type: ignore[arg-type]
 
     def write(self) -> None:
-        """Write the run record as it stands."""
+        """Write the run record as it stands; once the run has ended, only the last record is written."""
+        with self._writing:
+            if self.outcome == "running":
+                self._write()
+
+    def _write(self) -> None:
         storage.write_bytes(self.plan.layout.url(f"{RUNS_DIR}/{self.run_id}.json"),
                             self.record().model_dump_json().encode(), self.plan.spec.output.storage_options)
 
@@ -375,14 +381,15 @@ class RunAccount:
         return self
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, traceback: object) -> None:
-        if error is None:
-            self.outcome = "finished"
-        else:
-            interrupted = isinstance(error, (KeyboardInterrupt, SystemExit))
-            self.outcome = "interrupted" if interrupted else "failed"
-            self.error = storage.redact_text(f"{type(error).__name__}: {error}")[:2000]
         try:
-            self.write()
+            with self._writing:
+                if error is None:
+                    self.outcome = "finished"
+                else:
+                    interrupted = isinstance(error, (KeyboardInterrupt, SystemExit))
+                    self.outcome = "interrupted" if interrupted else "failed"
+                    self.error = storage.redact_text(f"{type(error).__name__}: {error}")[:2000]
+                self._write()
         except Exception as failure:  # never hide the error that ended the run
             log.warning("could not write the run record of %s: %s", self.run_id, type(failure).__name__)
             if error is None:

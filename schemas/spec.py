@@ -13,8 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator,
-                      model_validator)
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from qwen_batch.schemas.catalog import CATALOG, _closest_hint
 from qwen_batch.schemas.errors import SpecError
@@ -392,9 +391,11 @@ class JobSpec(_Strict):
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="How much of the cluster the job uses.")
     engine: EngineSpec = Field(default_factory=EngineSpec, description="vLLM engine settings.")
     prices: PricesSpec = Field(default_factory=PricesSpec, description="Price overrides for the cost columns.")
-    # The logical date (`ts`) load_spec filled into {ds}/{ts} placeholders, None when the spec has none: part of the
-    # job's identity, so two slots never share a job id (nor the OpenAI response ids derived from it).
-    _logical_date: str | None = PrivateAttr(None)
+    logical_date: datetime | None = Field(
+        None, description="The logical date load_spec filled into `{ds}`/`{ts}` placeholders (set by it; a rendered "
+        "spec keeps it). Part of the job's identity, so two scheduled slots never share a job id, nor the OpenAI "
+        "response ids derived from it."
+    )
 
     @model_validator(mode="after")
     def _prompt(self) -> JobSpec:
@@ -436,8 +437,8 @@ class JobSpec(_Strict):
                      "output": {"format"}, "model": True, "models": True, "route_column": True,
                      "response_format": True, "sampling": True, "prices": {"input_per_mtok", "output_per_mtok"}},
         )
-        if self._logical_date is not None:
-            decisive["logical_date"] = self._logical_date
+        if self.logical_date is not None:
+            decisive["logical_date"] = logical_date_values(self.logical_date)["ts"]
         return hashlib.sha256(json.dumps(decisive, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -463,6 +464,8 @@ def load_spec(source: str | Path | dict[str, Any], logical_date: datetime | None
         if not isinstance(raw, dict):
             raise SpecError(f"{where} must hold a mapping of spec fields, found {type(raw).__name__}")
     raw, filled, problems, slot = _fill_logical_date(raw, logical_date)
+    if slot is not None:
+        raw = {**raw, "logical_date": slot}
     messages = list(problems.values())
     try:
         spec = JobSpec.model_validate(raw)
@@ -479,7 +482,6 @@ def load_spec(source: str | Path | dict[str, Any], logical_date: datetime | None
             messages.append(message)
     if messages:
         raise SpecError(messages)
-    spec._logical_date = slot
     return spec
 
 

@@ -1025,6 +1025,7 @@ def test_a_failed_run_counts_in_the_next_runs_manifest(parquet_input: Path, monk
     fake_cluster(monkeypatch, fail)
     with pytest.raises(RuntimeError):
         run_job(load_spec(spec_of(parquet_input)))
+    time.sleep(1.1)  # runs are ordered by their start, to the second
     fake_cluster(monkeypatch, lambda: 0)
 
     manifest = run_job(load_spec(spec_of(parquet_input)))
