@@ -73,6 +73,41 @@ def cluster_nodes() -> list[NodeShape]:
     return [NodeShape.of_ray(node) for node in ray.nodes() if node.get("Alive")]
 
 
+def check_node_paths(spec: JobSpec, model_paths: Sequence[str]) -> None:
+    """On a cluster of several nodes, refuse local paths that not every node can reach, before any engine starts:
+    the output unless `output.shared`, and input or checkpoint folders missing on some node (checked on each)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = [node for node in ray.nodes() if node.get("Alive")]
+    if len(nodes) < 2:
+        return
+    problems = []
+    if _is_local(spec.output.path) and not spec.output.shared:
+        problems.append(f"output.path: found the local path {spec.output.path!r} on a Ray cluster of {len(nodes)} "
+                        "nodes, where each node would write its shards to its own disk. Use object storage (s3://, "
+                        "gs://), or set output.shared: true if every node mounts that path")
+    local = {f"model.path {path!r}" if path in model_paths else f"input.path {path!r}": path.removeprefix("file://")
+             for path in [spec.input.path, *model_paths] if _is_local(path)}
+    if local:
+        exists = ray.remote(num_cpus=0)(lambda paths: [os.path.exists(path) for path in paths])
+        found = ray.get([exists.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False))
+                         .remote(list(local.values())) for node in nodes])
+        for index, what in enumerate(local):
+            missing = [f"{node['NodeManagerAddress']} (node {node['NodeID'][:8]})"
+                       for node, seen in zip(nodes, found) if not seen[index]]
+            # Missing everywhere is a hub id, or a problem planning has already named.
+            if missing and len(missing) < len(nodes):
+                problems.append(f"{what} exists on some nodes of the Ray cluster but not on {missing}. Put it on "
+                                "object storage (s3://, gs://) or on a filesystem every node mounts")
+    if problems:
+        raise SpecError(problems)
+
+
+def _is_local(path: str) -> bool:
+    return "://" not in path or path.startswith("file://")
+
+
 def plan_replicas(spec: JobSpec, model: ModelSpec, variant: ModelVariant, max_model_len: int,
                   nodes: Sequence[NodeShape]) -> ReplicaPlan:
     """Accelerator, tensor parallelism, executor backend, engine settings and replica count for one model."""

@@ -303,8 +303,11 @@ def _committed(layout: Layout, variant: str, spec: JobSpec) -> set[str]:
 
 def run_job(spec: JobSpec, *, address: str | None = None, overwrite: bool = False) -> JobManifest:
     """Run a job to completion (resuming any earlier run of the same spec) and return its manifest."""
+    import ray
+
     from qwen_batch.cluster.local import ray_cluster
-    from qwen_batch.cluster.resources import cluster_nodes, plan_replicas
+    from qwen_batch.cluster.resources import check_node_paths, cluster_nodes, plan_replicas
+    from qwen_batch.pipelines.engine import CrashLedger
     from qwen_batch.pipelines.pipeline import build_dataset
 
     started_at, started = _now(), time.monotonic()
@@ -321,16 +324,19 @@ def run_job(spec: JobSpec, *, address: str | None = None, overwrite: bool = Fals
                          model.name, len(plan.shards), plan.rows, len(model.committed), len(todo))
             if any(todo for _, todo in work):
                 with ray_cluster(address):
+                    check_node_paths(spec, [model.model for model in plan.models])
                     for model, todo in work:
                         if not todo:
                             continue
                         model_started = time.monotonic()
                         replicas = plan_replicas(spec, model.spec, model.variant, model.max_model_len,
                                                  cluster_nodes())
+                        ledger = CrashLedger.remote()
                         dataset = build_dataset(todo, *stage_configs(plan, model, run_id, replicas.llm_kwargs),
-                                                replicas)
+                                                replicas, ledger)
                         with run.holding(replicas.accelerators):
                             run.shards_committed += _follow(dataset, model.name, todo, model_started)
+                        run.engine_restarts += ray.get(ledger.engine_restarts.remote())
         return write_manifest(plan)
 
 
@@ -342,6 +348,7 @@ class RunAccount:
     def __init__(self, plan: JobPlan, run_id: str, started_at: str, started: float):
         self.plan, self.run_id, self.started_at, self.started = plan, run_id, started_at, started
         self.shards_committed = 0
+        self.engine_restarts = 0
         self.accelerators = 0
         self.accelerator_seconds = 0.0
         self.outcome = "running"
@@ -364,7 +371,7 @@ class RunAccount:
                          shards_planned=len(self.plan.shards) * len(self.plan.models),
                          shards_skipped=sum(len(m.committed) for m in self.plan.models),
                          shards_committed=self.shards_committed, accelerators=self.accelerators,
-                         accelerator_seconds=held, outcome=self.outcome,
+                         accelerator_seconds=held, engine_restarts=self.engine_restarts, outcome=self.outcome,
                          error=self.error)  # type: ignore[arg-type]
 
     def write(self) -> None:

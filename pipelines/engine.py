@@ -48,6 +48,14 @@ class CrashLedger:
 
     def __init__(self) -> None:
         self.crashes: dict[str, dict[int, int]] = {}
+        self.restarts = 0
+
+    def started(self, restarted: bool) -> None:
+        self.restarts += restarted
+
+    def engine_restarts(self) -> int:
+        """Engine actors Ray restarted (after a crash, or with a lost node) in this run."""
+        return self.restarts
 
     def record(self, rows: list[tuple[str, int]]) -> None:
         for shard, index in rows:
@@ -143,6 +151,8 @@ class EngineStage(Stage):
         self.think_end = self.tokenizer.convert_tokens_to_ids("</think>") if config.thinking else None
         self._incoming: queue.SimpleQueue[tuple[str, Any, Any, _Request]] = queue.SimpleQueue()
         self._request_ids = itertools.count()
+        if config.ledger is not None:
+            config.ledger.started.remote(ray.get_runtime_context().was_current_actor_reconstructed)
         threading.Thread(target=self._feed, name="engine-feeder", daemon=True).start()
         log.info("engine for %s ready in %.1f s", config.model, time.monotonic() - started)
 

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 
 import ray
 from ray.data import ActorPoolStrategy, Dataset
 
 from qwen_batch.cluster.resources import ReplicaPlan
-from qwen_batch.pipelines.engine import CrashLedger, EngineConfig, EngineStage, shards_in_flight
+from qwen_batch.pipelines.engine import EngineConfig, EngineStage, shards_in_flight
 from qwen_batch.pipelines.prompts import PromptConfig, PromptStage
 from qwen_batch.pipelines.read import BLOCK_SCHEMA, ReadConfig, Shard, ShardDatasource
 from qwen_batch.pipelines.stage import check_wiring
@@ -24,8 +25,9 @@ MAX_BLOCK_BYTES = 4 << 30
 
 
 def build_dataset(shards: list[Shard], read: ReadConfig, prompt: PromptConfig, engine: EngineConfig,
-                  write: WriteConfig, replicas: ReplicaPlan) -> Dataset:
-    """A lazy dataset whose rows are one summary per committed shard; iterating it runs the job."""
+                  write: WriteConfig, replicas: ReplicaPlan, ledger: Any) -> Dataset:
+    """A lazy dataset whose rows are one summary per committed shard; iterating it runs the job. `ledger` is the
+    run's CrashLedger (pipelines.engine), which also counts engine restarts."""
     check_wiring([*BLOCK_SCHEMA.names, *read.carry_columns], [PromptStage, EngineStage, WriteStage])
     dataset = ray.data.read_datasource(ShardDatasource(shards, read), override_num_blocks=len(shards),
                                        num_cpus=READ_CPUS)
@@ -41,7 +43,7 @@ def build_dataset(shards: list[Shard], read: ReadConfig, prompt: PromptConfig, e
     mean_rows = max(1, round(sum(s.row_count for s in shards) / len(shards)))
     calls = min(shards_in_flight(replicas.max_num_seqs, mean_rows), 2 * replicas.max_num_seqs + 1)
     dataset = dataset.map_batches(
-        EngineStage, fn_constructor_args=(replace(engine, ledger=CrashLedger.remote()),), batch_size=None, batch_format="pyarrow",
+        EngineStage, fn_constructor_args=(replace(engine, ledger=ledger),), batch_size=None, batch_format="pyarrow",
         # Several shards run at each engine at once (see pipelines.engine), one more waits ready behind them.
         compute=ActorPoolStrategy(min_size=replicas.replicas, max_size=most_replicas,
                                   max_concurrent_calls_per_actor=calls, max_tasks_in_flight_per_actor=calls + 1,

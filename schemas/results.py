@@ -120,6 +120,8 @@ class RunRecord(BaseModel):
     shards_committed: int = Field(description="Shards this run committed.")
     accelerators: int = Field(description="Accelerators (GPUs, or CPU engines) the run's engines held.")
     accelerator_seconds: float = Field(description="Accelerators x seconds the engines were held.")
+    engine_restarts: int = Field(0, description="Engine actors Ray restarted during the run: after a crash, or "
+                                 "elsewhere when their node was lost.")
     outcome: Literal["running", "finished", "failed", "interrupted"] = Field(
         "finished", description="How the run ended: `running` is what the heartbeat writes while it runs, and stays "
         "if the driver was killed outright (SIGKILL); `failed` when an error stopped it, `interrupted` on Ctrl-C or a "

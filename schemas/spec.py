@@ -275,6 +275,11 @@ class OutputSpec(_Strict):
     storage_options: dict[str, Any] = Field(
         default_factory=dict, description="Options passed to fsspec for the output; secrets are redacted."
     )
+    shared: bool = Field(
+        False, description="The local (or file://) output path is on a filesystem every node of the Ray cluster "
+        "mounts (NFS, Lustre, ...). Without it a local output path is refused on a cluster of more than one node, "
+        "where each node would write its shards to its own disk."
+    )
 
 
 class ReplicaRange(_Strict):
