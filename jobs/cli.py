@@ -100,7 +100,8 @@ def _verbosity(default: Any) -> argparse.ArgumentParser:
     group.add_argument("-q", "--quiet", dest="log_level", action="store_const", const=logging.WARNING,
                        default=default, help="Log warnings and errors only.")
     group.add_argument("-v", "--verbose", dest="log_level", action="store_const", const=logging.DEBUG,
-                       default=default, help="Log debug messages too, the libraries' (Ray, fsspec, botocore) included.")
+                       default=default, help="Log debug messages too, the libraries' (Ray, fsspec, botocore) included, "
+                       "and show Ray's and vLLM's output, which otherwise only goes to the run's log file.")
     return options
 
 
@@ -260,7 +261,8 @@ def _run(args: argparse.Namespace) -> _Shown:
     from qwen_batch.jobs.driver import run_job
     from qwen_batch.schemas.spec import load_spec
 
-    manifest = run_job(load_spec(args.spec, _logical_date(args)), address=args.address, overwrite=args.overwrite)
+    manifest = run_job(load_spec(args.spec, _logical_date(args)), address=args.address, overwrite=args.overwrite,
+                       verbose=_verbose(args))
     return _Shown(manifest.model_dump(mode="json"), _summary(manifest), 0 if manifest.complete else 1)
 
 
@@ -306,7 +308,12 @@ def _make_tiny_model(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from qwen_batch.jobs.demo import run_demo
 
-    return run_demo(Path(args.dir), args.rows)
+    return run_demo(Path(args.dir), args.rows, verbose=_verbose(args))
+
+
+def _verbose(args: argparse.Namespace) -> bool:
+    """-v: Ray's and vLLM's output on the terminal as well as in the run's log file."""
+    return args.log_level == logging.DEBUG
 
 
 def _report(args: argparse.Namespace) -> int:

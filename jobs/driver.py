@@ -301,11 +301,15 @@ def _committed(layout: Layout, variant: str, spec: JobSpec) -> set[str]:
     return {name.rsplit("/", 1)[-1].removesuffix(".json") for name in names if name.endswith(".json")}
 
 
-def run_job(spec: JobSpec, *, address: str | None = None, overwrite: bool = False) -> JobManifest:
-    """Run a job to completion (resuming any earlier run of the same spec) and return its manifest."""
+def run_job(spec: JobSpec, *, address: str | None = None, overwrite: bool = False,
+            verbose: bool = False) -> JobManifest:
+    """Run a job to completion (resuming any earlier run of the same spec) and return its manifest.
+
+    Ray's and vLLM's output goes to the run's log file (its path is logged), and with `verbose` to the terminal too.
+    """
     import ray
 
-    from qwen_batch.cluster.local import ray_cluster
+    from qwen_batch.cluster.local import job_log_file, ray_cluster, ray_output
     from qwen_batch.cluster.resources import check_node_paths, cluster_nodes, plan_replicas
     from qwen_batch.pipelines.engine import CrashLedger
     from qwen_batch.pipelines.pipeline import build_dataset
@@ -323,7 +327,7 @@ def run_job(spec: JobSpec, *, address: str | None = None, overwrite: bool = Fals
                 log.info("job %s, model %s: %d shards, %d rows; %d already committed, %d to run", plan.job_id,
                          model.name, len(plan.shards), plan.rows, len(model.committed), len(todo))
             if any(todo for _, todo in work):
-                with ray_cluster(address):
+                with ray_output(job_log_file(plan.job_id, run_id), verbose=verbose), ray_cluster(address):
                     check_node_paths(spec, [model.model for model in plan.models])
                     for model, todo in work:
                         if not todo:

@@ -99,6 +99,11 @@ class Progress:
         self._unlogged = False
 
     def __enter__(self) -> Progress:
+        """On a terminal, draw the line at once (0 rows done), so the wait for the engines to start shows too."""
+        if self._tty:
+            self._stream.write(CLEAR_LINE + self.line(self._clock()))
+            self._stream.flush()
+            self._drawn = True
         return self
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,

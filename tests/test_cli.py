@@ -177,7 +177,7 @@ def test_plan_names_the_gpu_type_meant(tmp_path: Path, capsys: pytest.CaptureFix
 def test_run_json_prints_only_the_manifest(tmp_path: Path, capfd: pytest.CaptureFixture[str],
                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """Whatever the run prints, from Python or straight to file descriptor 1 (as Ray's workers do), goes to stderr."""
-    def run_job(spec: Any, address: str | None, overwrite: bool) -> Any:
+    def run_job(spec: Any, address: str | None, overwrite: bool, verbose: bool) -> Any:
         print("a line printed by the run")
         os.write(1, b"a line written to fd 1\n")
         return SimpleNamespace(
