@@ -12,6 +12,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from qwen_batch.pipelines import storage
+from qwen_batch.pipelines.metrics import record_commit
 from qwen_batch.pipelines.openai_batch import response_line
 from qwen_batch.pipelines.stage import Stage
 from qwen_batch.schemas.results import RESULT_SCHEMA, CommitRecord, Totals
@@ -131,6 +132,8 @@ class WriteStage(Stage):
             committed_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), totals=totals,
         )
         committed = storage.create_only(commit_url, record.model_dump_json().encode(), config.storage_options)
+        if committed:
+            record_commit(config.job_id, config.variant, totals)
         return shard, committed, totals
 
 
