@@ -48,6 +48,7 @@ COLUMN_SAMPLE_BYTES = 1 << 20
 REQUEST_TYPE = pa.struct([
     ("max_tokens", pa.int64()), ("temperature", pa.float64()), ("top_p", pa.float64()), ("seed", pa.int64()),
     ("stop", pa.list_(pa.string())), ("presence_penalty", pa.float64()), ("frequency_penalty", pa.float64()),
+    ("repetition_penalty", pa.float64()),
     ("response_format", pa.string()),  # pipelines.structured.StructuredOutput.to_json()
 ])
 
@@ -572,7 +573,7 @@ def _to_block(shard: Shard, rows: list[dict[str, Any]], config: ReadConfig) -> p
         "_shard": pa.array([shard.shard_id] * count, pa.string()),
         "_shard_rows": pa.array([shard.row_count] * count, pa.int64()),
         "id": pa.array([r["id"] for r in rows], pa.string()),
-        "source_file": pa.array([shard.file] * count, pa.string()),
+        "source_file": pa.array([storage.display_url(shard.file)] * count, pa.string()),
         "source_row": pa.array([r["source_row"] for r in rows], pa.int64()),
         "_prompt": pa.array([r["_prompt"] for r in rows], pa.string()),
         "_error_type": pa.array([r["_error_type"] for r in rows], pa.string()),

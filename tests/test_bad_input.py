@@ -972,14 +972,10 @@ def test_lease_on_s3_has_one_winner(s3) -> None:
 
 
 def fake_cluster(monkeypatch: pytest.MonkeyPatch, follow) -> None:
-    """Run jobs without Ray or vLLM: the engines 'hold' 3 accelerators while `follow` runs."""
-    import contextlib
-
-    from qwen_batch.cluster import local, resources
+    """Run jobs on the session's real Ray but without vLLM: the engines 'hold' 3 accelerators while `follow` runs."""
+    from qwen_batch.cluster import resources
     from qwen_batch.pipelines import pipeline
 
-    monkeypatch.setattr(local, "ray_cluster", lambda address: contextlib.nullcontext())
-    monkeypatch.setattr(resources, "cluster_nodes", lambda: [])
     monkeypatch.setattr(resources, "plan_replicas", lambda *args: type("Replicas", (), {"accelerators": 3,
                                                                                        "llm_kwargs": {}})())
     monkeypatch.setattr(pipeline, "build_dataset", lambda *args, **kwargs: None)
@@ -993,7 +989,7 @@ def run_records(root: Path) -> list[dict[str, Any]]:
 @pytest.mark.parametrize("ends", [RuntimeError("engine exploded"), KeyboardInterrupt()], ids=["failed", "interrupted"])
 def test_a_run_that_fails_leaves_a_run_record_with_its_accelerator_seconds(
     parquet_input: Path, monkeypatch: pytest.MonkeyPatch, quick_leases: None, ends: BaseException
-) -> None:
+, ray_local: None) -> None:
     seen: list[list[dict[str, Any]]] = []
 
     def follow() -> int:
@@ -1017,7 +1013,7 @@ def test_a_run_that_fails_leaves_a_run_record_with_its_accelerator_seconds(
     assert lease_files(parquet_input) == []
 
 
-def test_a_failed_run_counts_in_the_next_runs_manifest(parquet_input: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failed_run_counts_in_the_next_runs_manifest(parquet_input: Path, monkeypatch: pytest.MonkeyPatch, ray_local: None) -> None:
     def fail() -> int:
         time.sleep(0.1)
         raise RuntimeError("engine exploded")
@@ -1038,7 +1034,7 @@ def test_a_failed_run_counts_in_the_next_runs_manifest(parquet_input: Path, monk
 # Secrets are redacted by value too, wherever they reach the manifest or a message.
 
 
-def test_secrets_in_values_never_reach_the_manifest(parquet_input: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_secrets_in_values_never_reach_the_manifest(parquet_input: Path, monkeypatch: pytest.MonkeyPatch, ray_local: None) -> None:
     secrets = ["hf_QwenBatchSecretToken12345", "hunter2-db-pass", "Zm9vYmFyc2VjcmV0a2V5"]
     fake_cluster(monkeypatch, lambda: 0)
     spec = spec_of(parquet_input, engine={"env": {"HF_TOKEN": secrets[0], "MIRROR": f"token {secrets[0]}",

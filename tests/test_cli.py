@@ -244,7 +244,7 @@ def test_an_unknown_field_without_a_close_name_lists_the_fields(tmp_path: Path,
     raw = yaml.safe_load(job.read_text())
     raw["output"]["bucket"] = "b"
     job.write_text(yaml.safe_dump(raw))
-    assert "output.bucket: unknown field; the fields here are path, format, storage_options; remove it" in \
+    assert "output.bucket: unknown field; the fields here are path, format, storage_options, shared; remove it" in \
         run_cli(capsys, "validate", str(job))[2]
 
 

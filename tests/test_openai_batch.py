@@ -146,3 +146,10 @@ def test_sampling_inside_vllms_ranges_passes_through():
     _, overrides = parse_request({"custom_id": "x", "url": "/v1/chat/completions", "body": body})
     assert overrides == {"temperature": 2, "top_p": 1, "stop": ["END"], "seed": -1, "presence_penalty": -2,
                          "frequency_penalty": 2, "repetition_penalty": 1.1, "max_tokens": 7}
+
+
+def test_every_request_field_we_honour_has_a_typed_column():
+    from qwen_batch.pipelines.openai_batch import SAMPLING_FIELDS
+    from qwen_batch.pipelines.read import REQUEST_TYPE
+
+    assert {*SAMPLING_FIELDS, "max_tokens", "response_format"} == {field.name for field in REQUEST_TYPE}

@@ -75,7 +75,7 @@ def test_load_spec_from_dict_yaml_and_json_agree(tmp_path: Path) -> None:
     assert from_yaml.input.carry_columns == ["stars"]
     assert from_yaml.prompt.columns == ["review"]
     assert from_yaml.sampling.max_tokens == 64
-    assert from_yaml.resources.replicas == 1
+    assert from_yaml.resources.replicas == "auto"
 
 
 def test_load_spec_fills_defaults() -> None:
