@@ -74,6 +74,8 @@ __all__ = [
 GIB = 2**30
 # Tensor parallelism stays inside one node: vLLM's all-reduces need NVLink/PCIe, not the network.
 MAX_TENSOR_PARALLEL = 8
+# Pipeline stages tried, one node each, when a whole node's tensor parallelism does not fit a model.
+PIPELINE_STAGES = (2, 4, 8)
 # Activation peak, CUDA graphs, NCCL buffers and allocator slack per GPU; vLLM measures it, we assume it.
 OVERHEAD_GIB_PER_GPU = 3.0
 # vLLM's default paged-attention block size on GPUs.
@@ -157,7 +159,7 @@ class VariantPlan:
     gpu: str  # GPU_TYPES key
     gpus: int  # GPUs available to the job
     tensor_parallel_size: int
-    replicas: int  # gpus // tensor_parallel_size
+    replicas: int  # gpus // (tensor_parallel_size x pipeline_parallel_size)
     max_model_len: int
     gpu_memory_utilization: float
     usable_gib_per_gpu: float  # memory_gib x gpu_memory_utilization: what vLLM may take
@@ -171,16 +173,22 @@ class VariantPlan:
     min_concurrent_seqs: int
     fits: bool  # max_concurrent_seqs >= min_concurrent_seqs
     warning: str | None = None  # why an explicit tensor_parallel_size does not fit, and which one would
+    pipeline_parallel_size: int = 1  # stages of tensor_parallel_size GPUs each, one node per stage
+
+    @property
+    def gpus_per_replica(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
 
     @property
     def gpus_used(self) -> int:
         """GPUs the replicas hold together; the rest of `gpus` stay idle."""
-        return self.tensor_parallel_size * self.replicas
+        return self.gpus_per_replica * self.replicas
 
     def summary(self) -> str:
         """One line for logs and the CLI."""
+        stages = f" x pipeline_parallel_size {self.pipeline_parallel_size}" if self.pipeline_parallel_size > 1 else ""
         text = (
-            f"{self.variant.name} on {self.gpus} x {self.gpu}: tensor_parallel_size {self.tensor_parallel_size}, "
+            f"{self.variant.name} on {self.gpus} x {self.gpu}: tensor_parallel_size {self.tensor_parallel_size}{stages}, "
             f"{self.replicas} replica(s); per GPU {self.weights_per_gpu_gib:.1f} GiB weights + "
             f"{self.overhead_per_gpu_gib:.1f} GiB overhead + {self.kv_cache_per_gpu_gib:.1f} GiB KV cache of "
             f"{self.usable_gib_per_gpu:.1f} GiB usable; {self.kv_capacity_tokens:,} KV tokens per replica = "
@@ -224,10 +232,12 @@ def weight_bytes(variant: ModelVariant) -> float:
     return (total - embeddings) * QUANTIZED_WEIGHT_BYTES[variant.quantization] + embeddings * dtype_bytes
 
 
-def kv_bytes_per_token(variant: ModelVariant, tensor_parallel_size: int = 1) -> int:
-    """KV-cache bytes one token takes on each GPU of a replica (KV heads split over ranks, replicated past them)."""
+def kv_bytes_per_token(variant: ModelVariant, tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1) -> int:
+    """KV-cache bytes one token takes on each GPU of a replica (KV heads split over ranks, replicated past them;
+    layers split over pipeline stages)."""
     kv_heads_per_rank = max(1, variant.num_kv_heads // tensor_parallel_size)
-    return 2 * variant.num_layers * kv_heads_per_rank * variant.head_dim * DTYPE_BYTES[variant.dtype]
+    layers_per_stage = math.ceil(variant.num_layers / pipeline_parallel_size)
+    return 2 * layers_per_stage * kv_heads_per_rank * variant.head_dim * DTYPE_BYTES[variant.dtype]
 
 
 def plan_variant(
@@ -238,17 +248,22 @@ def plan_variant(
     gpu_memory_utilization: float = 0.9,
     tensor_parallel_size: int | None = None,
     min_concurrent_seqs: int = 16,
+    pipeline_parallel_size: int | None = None,
+    node_gpus: int = MAX_TENSOR_PARALLEL,
 ) -> VariantPlan:
     """The smallest tensor parallelism that holds `min_concurrent_seqs` full-length sequences, or the one asked for.
 
-    An explicit `tensor_parallel_size` is honoured even when it does not fit: the plan then has `fits=False` and a
-    `warning` naming the shortfall and the size that would fit. SpecError when nothing up to one node fits, or when
-    the plan needs more GPUs than `gpus`.
+    When no tensor-parallel size up to one node fits, pipeline parallelism spans nodes: a whole node's tensor
+    parallelism in each stage, and the fewest stages (2, 4, 8) that fit. An explicit `tensor_parallel_size` is
+    honoured even when it does not fit: the plan then has `fits=False` and a `warning` naming the shortfall and the
+    size that would fit. SpecError when nothing fits, or when the plan needs more GPUs than `gpus`.
     """
     _check_plan_inputs(gpus, max_model_len, gpu_memory_utilization, min_concurrent_seqs)
+    sizes = [tp for tp in _valid_tensor_parallel_sizes(variant) if tp <= node_gpus] or [1]
+    stages = [pipeline_parallel_size] if pipeline_parallel_size else [1, *PIPELINE_STAGES]
     candidates = [
-        _plan_at(variant, gpu, gpus, tp, max_model_len, gpu_memory_utilization, min_concurrent_seqs)
-        for tp in _valid_tensor_parallel_sizes(variant)
+        _plan_at(variant, gpu, gpus, tp, max_model_len, gpu_memory_utilization, min_concurrent_seqs, pp)
+        for pp in stages for tp in (sizes if pp == 1 else sizes[-1:])
     ]
     smallest_fit = next((plan for plan in candidates if plan.fits), None)
     if tensor_parallel_size is not None:
@@ -261,12 +276,12 @@ def plan_variant(
     plan = smallest_fit
     if tensor_parallel_size is not None:
         plan = _plan_at(variant, gpu, gpus, tensor_parallel_size, max_model_len, gpu_memory_utilization,
-                        min_concurrent_seqs)
+                        min_concurrent_seqs, pipeline_parallel_size or smallest_fit.pipeline_parallel_size)
         if not plan.fits:
             plan = replace(plan, warning=f"{variant.name} does not fit: {_shortfall(plan)}. tensor_parallel_size "
                                          f"{smallest_fit.tensor_parallel_size} fits "
                                          f"{smallest_fit.max_concurrent_seqs} sequences of {max_model_len:,}")
-    if gpus < plan.tensor_parallel_size:
+    if gpus < plan.gpus_per_replica:
         raise SpecError(_too_few_gpus_message(plan, gpu))
     return plan
 
@@ -284,7 +299,7 @@ def estimate_run(
         raise ValueError(f"the plan is for {plan.gpu}, not {gpu.name}")
     if rows < 1 or prompt_tokens_per_row < 0 or output_tokens_per_row < 0 or max_num_seqs < 1:
         raise ValueError("rows and max_num_seqs must be at least 1 and token counts at least 0")
-    variant, tp = plan.variant, plan.tensor_parallel_size
+    variant = plan.variant
     rows_per_replica = math.ceil(rows / plan.replicas)
     sequence_tokens = max(1, math.ceil(prompt_tokens_per_row + output_tokens_per_row))
     batch = min(max_num_seqs, plan.kv_capacity_tokens // sequence_tokens, rows_per_replica)
@@ -292,7 +307,7 @@ def estimate_run(
         raise SpecError(f"a row of {sequence_tokens:,} tokens does not fit the {plan.kv_capacity_tokens:,}-token KV "
                         f"cache of one {variant.name} replica; {_shortfall(plan)}")
     active_params = (variant.active_params_b or variant.params_b) * 1e9
-    replica_flops_per_s = gpu.bf16_tflops * 1e12 * tp * PREFILL_MFU
+    replica_flops_per_s = gpu.bf16_tflops * 1e12 * plan.gpus_per_replica * PREFILL_MFU
     step_s = _decode_step_s(plan, gpu, batch, prompt_tokens_per_row + output_tokens_per_row / 2, active_params)
     decode_rate = batch / step_s
     prefill_rate = replica_flops_per_s / (2 * active_params)
@@ -356,24 +371,25 @@ def _decode_step_s(plan: VariantPlan, gpu: GpuType, batch: int, avg_context: flo
     """Seconds of one decode step: the weights and the batch's KV read from memory, or the matmuls if slower."""
     step_bytes = plan.weights_per_gpu_gib * GIB + batch * avg_context * plan.kv_bytes_per_token_per_gpu
     memory_s = step_bytes / (gpu.bandwidth_gb_s * 1e9 * DECODE_BANDWIDTH_EFFICIENCY)
-    compute_s = 2 * active_params * batch / (gpu.bf16_tflops * 1e12 * plan.tensor_parallel_size * PREFILL_MFU)
+    compute_s = 2 * active_params * batch / (gpu.bf16_tflops * 1e12 * plan.gpus_per_replica * PREFILL_MFU)
     return max(memory_s, compute_s)
 
 
 def _plan_at(variant: ModelVariant, gpu: GpuType, gpus: int, tensor_parallel_size: int, max_model_len: int,
-             gpu_memory_utilization: float, min_concurrent_seqs: int) -> VariantPlan:
-    """The memory budget of `variant` at one tensor-parallel size, judged against `min_concurrent_seqs`."""
+             gpu_memory_utilization: float, min_concurrent_seqs: int, pipeline_parallel_size: int = 1) -> VariantPlan:
+    """The memory budget of `variant` at one tensor- and pipeline-parallel size, judged against `min_concurrent_seqs`."""
     usable = gpu.memory_gib * gpu_memory_utilization
     weights = weight_bytes(variant) / GIB
-    per_gpu = weights / tensor_parallel_size
+    per_gpu = weights / (tensor_parallel_size * pipeline_parallel_size)
     kv_cache = usable - per_gpu - OVERHEAD_GIB_PER_GPU
-    per_token = kv_bytes_per_token(variant, tensor_parallel_size)
+    per_token = kv_bytes_per_token(variant, tensor_parallel_size, pipeline_parallel_size)
     blocks = max(0, math.floor(kv_cache * GIB / (per_token * KV_BLOCK_TOKENS)))
     tokens = blocks * KV_BLOCK_TOKENS
     seqs = tokens // max_model_len
     return VariantPlan(
         variant=variant, gpu=gpu.name, gpus=gpus, tensor_parallel_size=tensor_parallel_size,
-        replicas=gpus // tensor_parallel_size, max_model_len=max_model_len,
+        pipeline_parallel_size=pipeline_parallel_size,
+        replicas=gpus // (tensor_parallel_size * pipeline_parallel_size), max_model_len=max_model_len,
         gpu_memory_utilization=gpu_memory_utilization, usable_gib_per_gpu=usable, weights_gib=weights,
         weights_per_gpu_gib=per_gpu, overhead_per_gpu_gib=OVERHEAD_GIB_PER_GPU,
         kv_cache_per_gpu_gib=max(0.0, kv_cache), kv_bytes_per_token_per_gpu=per_token, kv_capacity_tokens=tokens,
@@ -448,11 +464,13 @@ def _no_fit_message(variant: ModelVariant, gpu: GpuType, largest: VariantPlan) -
 
 def _too_few_gpus_message(plan: VariantPlan, gpu: GpuType) -> str:
     """SpecError text for a plan whose one replica needs more GPUs than the job has."""
-    fixes = [f"at least {plan.tensor_parallel_size} GPUs"]
+    fixes = [f"at least {plan.gpus_per_replica} GPUs"]
     lighter = _lighter_variants_that_fit(plan, gpu, within_gpus=True)
     if lighter:
         fixes.append(f"a quantized catalog variant ({', '.join(lighter)})")
-    return (f"{plan.variant.name} needs tensor_parallel_size {plan.tensor_parallel_size} on {gpu.name} at "
+    stages = (f" x pipeline_parallel_size {plan.pipeline_parallel_size} ({plan.gpus_per_replica} GPUs on "
+              f"{plan.pipeline_parallel_size} nodes)" if plan.pipeline_parallel_size > 1 else "")
+    return (f"{plan.variant.name} needs tensor_parallel_size {plan.tensor_parallel_size}{stages} on {gpu.name} at "
             f"max_model_len {plan.max_model_len:,} ({plan.weights_per_gpu_gib:.1f} GiB of weights per GPU), but only "
             f"{plan.gpus} GPU(s) are given. Use {' or '.join(fixes)}.")
 

@@ -49,11 +49,12 @@ class ReplicaPlan:
     num_cpus: float
     num_gpus: int = 0
     max_replicas: int | None = None  # None: a fixed pool of `replicas`
+    pipeline_parallel_size: int = 1
 
     @property
     def accelerators_per_replica(self) -> int:
-        """Accelerators one replica holds (a CPU engine counts one)."""
-        return self.tensor_parallel_size if self.accelerator == "gpu" else 1
+        """Accelerators one replica holds, every pipeline stage's (a CPU engine counts one)."""
+        return self.tensor_parallel_size * self.pipeline_parallel_size if self.accelerator == "gpu" else 1
 
     @property
     def accelerators(self) -> int:
@@ -113,6 +114,7 @@ def plan_replicas(spec: JobSpec, model: ModelSpec, variant: ModelVariant, max_mo
     """Accelerator, tensor parallelism, executor backend, engine settings and replica count for one model."""
     resources, engine = spec.resources, spec.engine
     largest_node = max((node.gpus for node in nodes), default=0)
+    all_gpus = sum(node.gpus for node in nodes)
     accelerator = resources.accelerator
     if accelerator == "auto":
         accelerator = "gpu" if largest_node else "cpu"
@@ -123,18 +125,28 @@ def plan_replicas(spec: JobSpec, model: ModelSpec, variant: ModelVariant, max_mo
             raise SpecError(f"resources.tensor_parallel_size: found {tp}; a replica's GPUs must sit on one node and "
                             f"the largest node of the Ray cluster has {largest_node}. Use nodes with {tp} GPUs, or a "
                             "smaller or quantized variant that fits fewer GPUs")
-        tp = gpu_plan(spec, variant, max_model_len, max(largest_node, 1)).tensor_parallel_size
-    elif tp == "auto":
-        tp = 1
-    replicas, max_replicas = replica_count(resources.replicas, accelerator, tp, resources.cpus_per_replica, nodes)
+        layout = gpu_plan(spec, variant, max_model_len, max(all_gpus, 1), max(largest_node, 1))
+        tp, pp = layout.tensor_parallel_size, layout.pipeline_parallel_size
+    else:
+        if resources.pipeline_parallel_size not in ("auto", 1):
+            raise SpecError("resources.pipeline_parallel_size: pipeline parallelism spans GPU nodes; CPU engines run "
+                            "one stage. Remove it or set resources.accelerator: gpu")
+        tp, pp = (1 if tp == "auto" else tp), 1
+    replicas, max_replicas = replica_count(resources.replicas, accelerator, tp, resources.cpus_per_replica, nodes, pp)
     if variant.num_attention_heads % tp:
         raise SpecError(f"resources.tensor_parallel_size: found {tp}; it must divide {variant.name}'s "
                         f"{variant.num_attention_heads} attention heads")
     backend = engine.executor_backend
     if backend == "auto":
-        backend = "uni" if tp == 1 else "mp"
+        # Pipeline stages on other nodes need vLLM's Ray executor; within one node its own processes do.
+        backend = "ray" if pp > 1 else "uni" if tp == 1 else "mp"
+    if pp > 1 and backend != "ray":
+        raise SpecError(f"engine.executor_backend: found {backend!r}; pipeline_parallel_size {pp} spans nodes, which "
+                        "only vLLM's `ray` executor does. Use `ray` or `auto`")
     llm_kwargs: dict[str, Any] = {
         "tensor_parallel_size": tp,
+        "pipeline_parallel_size": pp,
+        "enable_expert_parallel": engine.enable_expert_parallel,
         "distributed_executor_backend": backend,
         "max_model_len": max_model_len,
         "dtype": variant.dtype if model.dtype == "auto" else model.dtype,
@@ -162,19 +174,22 @@ def plan_replicas(spec: JobSpec, model: ModelSpec, variant: ModelVariant, max_mo
             env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     env.update(engine.env)
     llm_kwargs.update(engine.extra_args)
-    return ReplicaPlan(accelerator, tp, replicas, llm_kwargs, env, resources.cpus_per_replica, num_gpus, max_replicas)
+    return ReplicaPlan(accelerator, tp, replicas, llm_kwargs, env, resources.cpus_per_replica, num_gpus, max_replicas,
+                       pp)
 
 
 def replica_count(wanted: int | str | ReplicaRange, accelerator: str, tensor_parallel_size: int,
-                  cpus_per_replica: float, nodes: Sequence[NodeShape]) -> tuple[int, int | None]:
+                  cpus_per_replica: float, nodes: Sequence[NodeShape],
+                  pipeline_parallel_size: int = 1) -> tuple[int, int | None]:
     """(replicas to start, the autoscaling pool's maximum or None) for `resources.replicas` on these nodes.
 
-    What fits: on each node, its GPUs // tensor_parallel_size replicas; for CPU engines, which use every core of
-    their node, one per node with at least `cpus_per_replica` CPUs.
+    What fits: on each node, its GPUs // tensor_parallel_size stages, and a replica takes pipeline_parallel_size of
+    them; for CPU engines, which use every core of their node, one per node with at least `cpus_per_replica` CPUs.
     """
     if accelerator == "gpu":
-        fits = sum(node.gpus // tensor_parallel_size for node in nodes)
-        unit = f"{tensor_parallel_size} GPU(s) on one node"
+        fits = sum(node.gpus // tensor_parallel_size for node in nodes) // pipeline_parallel_size
+        unit = f"{tensor_parallel_size} GPU(s) on one node" + (
+            f" for each of {pipeline_parallel_size} pipeline stages" if pipeline_parallel_size > 1 else "")
     else:
         fits = sum(1 for node in nodes if node.cpus >= cpus_per_replica)
         unit = f"a node with {cpus_per_replica:g} CPU(s) to itself"
@@ -201,14 +216,18 @@ def default_max_num_seqs(spec: JobSpec, accelerator: str, tensor_parallel_size: 
     return LARGE_GPU_MAX_NUM_SEQS if large else MAX_NUM_SEQS
 
 
-def gpu_plan(spec: JobSpec, variant: ModelVariant, max_model_len: int, gpus: int) -> VariantPlan:
-    """The planner's tensor parallelism and KV capacity for the spec's GPU type; warns when an explicit size won't fit."""
+def gpu_plan(spec: JobSpec, variant: ModelVariant, max_model_len: int, gpus: int,
+             node_gpus: int | None = None) -> VariantPlan:
+    """The planner's tensor and pipeline parallelism and KV capacity for the spec's GPU type, on `gpus` GPUs of which
+    one node has at most `node_gpus`; warns when an explicit size won't fit."""
     gpu = GPU_TYPES.get(spec.resources.gpu_type)
     if gpu is None:
         raise SpecError(f"resources.gpu_type: found {spec.resources.gpu_type!r}; expected one of {sorted(GPU_TYPES)}")
-    explicit = spec.resources.tensor_parallel_size
+    explicit, stages = spec.resources.tensor_parallel_size, spec.resources.pipeline_parallel_size
     plan = plan_variant(variant, gpu, max(gpus, 1), max_model_len, spec.engine.gpu_memory_utilization,
-                        tensor_parallel_size=None if explicit == "auto" else explicit)
+                        tensor_parallel_size=None if explicit == "auto" else explicit,
+                        pipeline_parallel_size=None if stages == "auto" else stages,
+                        node_gpus=node_gpus or max(gpus, 1))
     if plan.warning:
         log.warning("resources.tensor_parallel_size %s: %s", explicit, plan.warning)
     return plan

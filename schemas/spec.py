@@ -321,7 +321,12 @@ class ResourcesSpec(_Strict):
                 raise ValueError("{min, max}: " + "; ".join(problems)) from None
         raise ValueError("expected `auto`, a whole number of replicas (1 or more) or {min, max}")
     tensor_parallel_size: int | Literal["auto"] = Field(
-        "auto", description="Accelerators per replica; `auto` picks the smallest that fits the model."
+        "auto", description="Accelerators per pipeline stage of a replica, on one node; `auto` picks the smallest "
+        "that fits the model."
+    )
+    pipeline_parallel_size: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        "auto", description="Pipeline stages per replica, one node each (GPUs only): `auto` is 1 unless the model "
+        "does not fit one node, then the fewest stages of a whole node's tensor parallelism that fit."
     )
     accelerator: Literal["auto", "gpu", "cpu"] = Field(
         "auto", description="Where engines run: `auto` uses GPUs when the Ray cluster has them, else the CPU."
@@ -349,6 +354,10 @@ class EngineSpec(_Strict):
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="Share of each GPU's memory vLLM may take.")
     cpu_kv_cache_gib: float = Field(1.0, gt=0, description="KV cache size for CPU engines, in GiB.")
     max_num_seqs: int | None = Field(None, ge=1, description="Most sequences the engine decodes at once.")
+    enable_expert_parallel: bool = Field(
+        False, description="Mixture-of-experts models (Qwen3-30B-A3B, 235B-A22B): place whole experts on the "
+        "replica's GPUs instead of sharding each one (vLLM's expert parallelism); memory stays the same."
+    )
     env: dict[str, str] = Field(default_factory=dict, description="Extra environment variables for engine actors.")
     extra_args: dict[str, Any] = Field(
         default_factory=dict, description="Further keyword arguments for `vllm.LLM`, passed through as given."

@@ -108,14 +108,19 @@ def test_awq_72b_fits_on_fewer_gpus_than_bf16():
     assert awq.replicas == 2 and bf16.replicas == 1
 
 
-def test_qwen3_235b_bf16_does_not_fit_8_h100s_but_fp8_does_at_tp_8():
+def test_qwen3_235b_bf16_needs_two_pipeline_stages_of_8_h100s_but_fp8_fits_one_node():
     # bf16: 235e9 x 2 B = 470e9 B = 437.7 GiB; / 8 = 54.72 GiB per GPU leaves 13.47 GiB of KV at 48,128 B/token
-    # = 300,624 tokens = 9 sequences of 32,768 < 16, and 8 GPUs is one node: SpecError.
+    # = 300,624 tokens = 9 sequences of 32,768 < 16: one node (tp 8) is not enough. Two stages of tp 8: 27.36 GiB
+    # of weights per GPU leaves 40.84 GiB of KV at 24,064 B/token (47 of 94 layers) = 1,822,320 tokens = 55 sequences.
     with pytest.raises(SpecError) as error:
         plan_variant(CATALOG["qwen3-235b-a22b"], H100, gpus=8, max_model_len=32_768)
     message = str(error.value)
-    assert "54.7 GiB of weights" in message and "9 sequences of 32,768" in message
+    assert "tensor_parallel_size 8 x pipeline_parallel_size 2 (16 GPUs on 2 nodes)" in message
     assert "qwen3-235b-a22b-fp8 at tensor_parallel_size 8" in message
+    two_nodes = plan_variant(CATALOG["qwen3-235b-a22b"], H100, gpus=16, max_model_len=32_768)
+    assert (two_nodes.tensor_parallel_size, two_nodes.pipeline_parallel_size, two_nodes.replicas) == (8, 2, 1)
+    assert two_nodes.weights_per_gpu_gib == pytest.approx(27.36, abs=0.01) and two_nodes.kv_bytes_per_token_per_gpu == 24_064
+    assert two_nodes.max_concurrent_seqs == 55 and two_nodes.gpus_used == 16
     # fp8: (235e9 - 1.245e9 embedding params) x (1 + 4/16384) B + 1.245e9 x 2 B = 220.07 GiB.
     # tp 4: 55.02 GiB per GPU leaves 13.17 GiB = 293,856 tokens = 8 sequences (tp 4 still gives 1 KV head/rank).
     # tp 8: 27.51 GiB leaves 40.68 GiB = 907,584 tokens = 27 sequences: fits.
@@ -132,9 +137,9 @@ def test_tp_must_divide_the_attention_heads():
     assert plan_variant(variant, L4, gpus=8, max_model_len=32_768).tensor_parallel_size == 4
     with pytest.raises(SpecError, match="does not divide qwen2.5-7b-instruct's 28 attention heads"):
         plan_variant(variant, L4, gpus=8, max_model_len=32_768, tensor_parallel_size=8)
-    # Needing 64 sequences, tp 4 (30) is not enough and tp 8 is not allowed: an error, not tp 8.
-    with pytest.raises(SpecError, match=r"\[1, 2, 4\]: powers of two dividing its 28 attention heads"):
-        plan_variant(variant, L4, gpus=8, max_model_len=32_768, min_concurrent_seqs=64)
+    # Needing 64 sequences, tp 4 (30) is not enough and tp 8 is not allowed: two pipeline stages of tp 4, never tp 8.
+    deep = plan_variant(variant, L4, gpus=8, max_model_len=32_768, min_concurrent_seqs=64)
+    assert (deep.tensor_parallel_size, deep.pipeline_parallel_size, deep.replicas) == (4, 2, 1)
 
 
 def test_replicas_are_gpus_floor_divided_by_tp():

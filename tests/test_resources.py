@@ -120,3 +120,23 @@ def test_max_num_seqs_follows_vllms_defaults_for_the_hardware_unless_the_spec_se
     assert replicas(spec(resources={"gpu_type": "a100-80gb"}), 4096, 1).max_num_seqs == 256
     assert replicas(spec("qwen2.5-0.5b-instruct", resources={"gpu_type": "l4-24gb"}), 4096, 1).max_num_seqs == 256
     assert replicas(spec(engine={"max_num_seqs": 48}), 4096, 1).max_num_seqs == 48
+
+
+@pytest.mark.parametrize("node_count,replica_count", [(2, 1), (4, 2)])
+def test_qwen3_235b_bf16_at_32k_runs_as_two_pipeline_stages_of_8_gpus(node_count: int, replica_count: int):
+    job = spec("qwen3-235b-a22b", model={"variant": "qwen3-235b-a22b", "max_model_len": 32768},
+               engine={"enable_expert_parallel": True})
+    plan = replicas(job, 32768, 0, nodes(node_count, 8))
+    assert (plan.tensor_parallel_size, plan.pipeline_parallel_size, plan.replicas) == (8, 2, replica_count)
+    assert plan.llm_kwargs["pipeline_parallel_size"] == 2 and plan.llm_kwargs["enable_expert_parallel"] is True
+    assert plan.llm_kwargs["distributed_executor_backend"] == "ray" and plan.num_gpus == 0
+    assert plan.accelerators_per_replica == 16 and plan.accelerators == 16 * replica_count
+
+
+def test_pipeline_parallelism_needs_the_ray_executor_and_gpus():
+    job = spec("qwen3-235b-a22b", model={"variant": "qwen3-235b-a22b", "max_model_len": 32768},
+               engine={"executor_backend": "mp"})
+    with pytest.raises(SpecError, match="only vLLM's `ray` executor"):
+        replicas(job, 32768, 0, nodes(2, 8))
+    with pytest.raises(SpecError, match="pipeline parallelism spans GPU nodes"):
+        replicas(spec("tiny-qwen2", resources={"pipeline_parallel_size": 2}), 512, 0)
