@@ -87,21 +87,27 @@ def test_killed_engine_actor_is_restarted_and_its_shards_retried(tmp_path, ray_l
     assert_exactly_once(output)
 
 
-def test_driver_killed_with_sigkill_then_rerun_resumes_without_recomputing(tmp_path, ray_local):
+def commits_when_driver_killed(spec_file: Path, output: str, commits_first: int) -> dict[str, dict[str, Any]]:
+    """Run the job in a driver process on this session's Ray, SIGKILL it once `commits_first` shards committed, and
+    return the commit records then."""
     import ray
 
-    output = str(tmp_path / "out")
-    spec_file = tmp_path / "spec.yaml"
-    spec_file.write_text(yaml.safe_dump(make_job(str(tmp_path), output)))
     address = ray.get_runtime_context().gcs_address
     driver = subprocess.Popen([sys.executable, "-m", "qwen_batch.jobs.cli", "run", str(spec_file), "--address", address],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        wait_for(lambda: len(commits(output)) >= 3, 180, "the first committed shards")
+        wait_for(lambda: len(commits(output)) >= commits_first, 180, "the first committed shards")
     finally:
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait(timeout=30)
-    before = commits(output)
+    return commits(output)
+
+
+def test_driver_killed_with_sigkill_then_rerun_resumes_without_recomputing(tmp_path, ray_local):
+    output = str(tmp_path / "out")
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(yaml.safe_dump(make_job(str(tmp_path), output)))
+    before = commits_when_driver_killed(spec_file, output, 3)
     assert 3 <= len(before) < ROWS // ROWS_PER_SHARD
     manifest = run_job(load_spec(spec_file))
     after = commits(output)
@@ -126,8 +132,6 @@ def long_first_shard_job(root: str, output: str) -> dict[str, Any]:
 
 
 def test_shards_committed_out_of_order_resume_after_a_driver_sigkill(tmp_path, ray_local):
-    import ray
-
     from qwen_batch.jobs.driver import plan_job
 
     output = str(tmp_path / "out")
@@ -135,15 +139,7 @@ def test_shards_committed_out_of_order_resume_after_a_driver_sigkill(tmp_path, r
     spec_file = tmp_path / "spec.yaml"
     spec_file.write_text(yaml.safe_dump(job))
     first_shard = f"{plan_job(load_spec(job)).shards[0].shard_id}.json"  # commits() keys are commit file names
-    address = ray.get_runtime_context().gcs_address
-    driver = subprocess.Popen([sys.executable, "-m", "qwen_batch.jobs.cli", "run", str(spec_file), "--address", address],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        wait_for(lambda: len(commits(output)) >= 3, 180, "the first committed shards")
-    finally:
-        os.killpg(driver.pid, signal.SIGKILL)
-        driver.wait(timeout=30)
-    before = commits(output)
+    before = commits_when_driver_killed(spec_file, output, 3)
     assert first_shard not in before, "the long first shard committed before the short ones: no out-of-order commits"
     manifest = run_job(load_spec(spec_file))
     after = commits(output)
