@@ -166,12 +166,13 @@ def _worker_prefix(data: dict[str, Any]) -> str:
 @contextmanager
 def _native_stderr_to(sink: _LogFile) -> Iterator[tuple[TextIO, TextIO]]:
     """Point file descriptor 2 at `sink`, and `sys.stderr` at a new stream on the terminal; yield that stream and the
-    `sys.stderr` it replaced (which now writes to `sink`)."""
+    `sys.stderr` it replaced (which now writes to `sink`). A `sys.stderr` not on descriptor 2 (a notebook's) stays."""
     replaced = sys.stderr
     replaced.flush()
     saved_fd = os.dup(2)
+    on_fd_2 = _fileno(replaced) == 2
     terminal = open(saved_fd, "w", buffering=1, encoding=getattr(replaced, "encoding", None) or "utf-8",
-                    errors="backslashreplace", closefd=False)
+                    errors="backslashreplace", closefd=False) if on_fd_2 else replaced
     os.dup2(sink.fileno(), 2)
     sys.stderr = terminal
     try:
@@ -180,8 +181,16 @@ def _native_stderr_to(sink: _LogFile) -> Iterator[tuple[TextIO, TextIO]]:
         terminal.flush()
         sys.stderr = replaced
         os.dup2(saved_fd, 2)
-        terminal.close()
+        if on_fd_2:
+            terminal.close()
         os.close(saved_fd)
+
+
+def _fileno(stream: TextIO) -> int | None:
+    try:
+        return stream.fileno()
+    except (AttributeError, OSError, ValueError):
+        return None
 
 
 class _OwnRecords(logging.Filter):

@@ -95,6 +95,34 @@ def test_verbose_shows_ray_and_vllm_on_the_terminal_and_still_logs_them(tmp_path
         assert line in logged
 
 
+NOTEBOOK = """
+import io, logging, os, sys
+from pathlib import Path
+
+from qwen_batch.cluster.local import ray_output
+
+cell = io.StringIO()  # a notebook's sys.stderr: a stream of its own, not file descriptor 2
+sys.stderr = cell
+logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, level=logging.INFO)
+with ray_output(Path(sys.argv[1])):
+    logging.getLogger("qwen_batch.jobs.progress").info("tiny-qwen2  64/200 rows (32%)")
+    logging.getLogger("ray").info("Started a local Ray instance.")
+    os.write(2, b"core_worker.cc:2465: a native line\\n")
+print(cell.getvalue(), end="")
+"""
+
+
+def test_a_notebooks_own_stderr_keeps_our_lines_and_the_native_ones_still_go_to_the_file(tmp_path: Path) -> None:
+    log_file = tmp_path / "run.log"
+    done = run_driver(NOTEBOOK, str(log_file), tmp_path=tmp_path)
+
+    assert done.stdout.splitlines() == [f"INFO qwen_batch.cluster.local: Ray and vLLM output of this run: {log_file}",
+                                        "INFO qwen_batch.jobs.progress: tiny-qwen2  64/200 rows (32%)"]
+    assert done.stderr == ""
+    logged = log_file.read_text()
+    assert "Started a local Ray instance." in logged and "core_worker.cc:2465: a native line\n" in logged
+
+
 def test_the_log_file_of_a_run_lies_under_the_temp_folder_by_job_and_run(tmp_path: Path,
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     import tempfile
