@@ -263,12 +263,17 @@ def _run(args: argparse.Namespace) -> _Shown:
 
     manifest = run_job(load_spec(args.spec, _logical_date(args)), address=args.address, overwrite=args.overwrite,
                        verbose=_verbose(args))
-    return _Shown(manifest.model_dump(mode="json"), _summary(manifest), 0 if manifest.complete else 1)
+    failed = not manifest.complete or manifest.error_limit_exceeded
+    return _Shown(manifest.model_dump(mode="json"), _summary(manifest), 1 if failed else 0)
 
 
 def _summary(manifest) -> str:
     totals = manifest.totals
-    return (
+    verdict = ""
+    if manifest.error_limit_exceeded:
+        verdict = (f"FAILED: {manifest.error_rate:.1%} of the rows are error rows, over limits.max_error_rate"
+                   + (f"; {manifest.stopped}" if manifest.stopped else "") + "\n")
+    return verdict + (
         f"job {manifest.job_id}: {manifest.rows_in} rows ({manifest.rows_ok} ok, {manifest.rows_failed} failed) in "
         f"{manifest.shards} shards -> {manifest.output_path}\n"
         f"tokens: {totals.prompt_tokens} prompt + {totals.completion_tokens} completion; "

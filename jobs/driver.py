@@ -132,7 +132,7 @@ def plan_job(spec: JobSpec, *, overwrite: bool = False) -> JobPlan:
     problems += _column_problems(spec, files)
     if problems:
         raise SpecError(problems)
-    layout = Layout(spec.output.path.rstrip("/"))
+    layout = Layout.at(spec.output.path)
     job_id = f"{spec.name}-{spec.output_hash()}"
     inputs = {info.relpath: f"{info.size}:{info.fingerprint}" for info in files}
     if not overwrite:
@@ -306,7 +306,23 @@ def run_job(spec: JobSpec, *, address: str | None = None, overwrite: bool = Fals
     """Run a job to completion (resuming any earlier run of the same spec) and return its manifest.
 
     Ray's and vLLM's output goes to the run's log file (its path is logged), and with `verbose` to the terminal too.
+    A job whose error rows pass limits.max_error_rate stops early; its manifest then says so (error_limit_exceeded,
+    stopped).
     """
+    started_at, started = _now(), time.monotonic()
+    plan = plan_job(spec, overwrite=overwrite)
+    run_id = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
+    run = RunAccount(plan, run_id, started_at, started)
+    with OutputLease(plan, run_id, heartbeat=run.write):
+        try:
+            _run(plan, run, address, verbose)
+        except ErrorRateExceeded:
+            pass  # the run record holds the reason; the manifest says the job failed
+        return write_manifest(plan)
+
+
+def _run(plan: JobPlan, run: RunAccount, address: str | None, verbose: bool) -> None:
+    """The run itself: claim the output, then each model's uncommitted shards on Ray."""
     import ray
 
     from qwen_batch.cluster.local import job_log_file, ray_cluster, ray_output
@@ -314,34 +330,51 @@ def run_job(spec: JobSpec, *, address: str | None = None, overwrite: bool = Fals
     from qwen_batch.pipelines.engine import CrashLedger
     from qwen_batch.pipelines.pipeline import build_dataset
 
-    started_at, started = _now(), time.monotonic()
-    plan = plan_job(spec, overwrite=overwrite)
-    run_id = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
-    run = RunAccount(plan, run_id, started_at, started)
-    with OutputLease(plan, run_id, heartbeat=run.write):
-        with run:
-            claim_output(plan)
-            run.write()
-            work = [(model, plan.todo(model)) for model in plan.models]
-            for model, todo in work:
-                log.info("job %s, model %s: %d shards, %d rows; %d already committed, %d to run", plan.job_id,
-                         model.name, len(plan.shards), plan.rows, len(model.committed), len(todo))
-            if any(todo for _, todo in work):
-                with ray_output(job_log_file(plan.job_id, run_id), verbose=verbose), ray_cluster(address):
-                    check_node_paths(spec, [model.model for model in plan.models])
-                    for model, todo in work:
-                        if not todo:
-                            continue
-                        model_started = time.monotonic()
-                        replicas = plan_replicas(spec, model.spec, model.variant, model.max_model_len,
-                                                 cluster_nodes())
-                        ledger = CrashLedger.remote()
-                        dataset = build_dataset(todo, *stage_configs(plan, model, run_id, replicas.llm_kwargs),
-                                                replicas, ledger)
-                        with run.holding(replicas.accelerators):
-                            run.shards_committed += _follow(dataset, model.name, todo, model_started)
-                        run.engine_restarts += ray.get(ledger.engine_restarts.remote())
-        return write_manifest(plan)
+    spec, run_id = plan.spec, run.run_id
+    errors = ErrorRate(spec.limits.max_error_rate, spec.limits.min_rows_before_check)
+    with run:
+        claim_output(plan)
+        run.write()
+        work = [(model, plan.todo(model)) for model in plan.models]
+        for model, todo in work:
+            log.info("job %s, model %s: %d shards, %d rows; %d already committed, %d to run", plan.job_id,
+                     model.name, len(plan.shards), plan.rows, len(model.committed), len(todo))
+        if any(todo for _, todo in work):
+            with ray_output(job_log_file(plan.job_id, run_id), verbose=verbose), ray_cluster(address):
+                check_node_paths(spec, [model.model for model in plan.models])
+                for model, todo in work:
+                    if not todo:
+                        continue
+                    model_started = time.monotonic()
+                    replicas = plan_replicas(spec, model.spec, model.variant, model.max_model_len,
+                                             cluster_nodes())
+                    ledger = CrashLedger.remote()
+                    dataset = build_dataset(todo, *stage_configs(plan, model, run_id, replicas.llm_kwargs),
+                                            replicas, ledger)
+                    with run.holding(replicas.accelerators):
+                        run.shards_committed += _follow(dataset, model.name, todo, model_started, errors)
+                    run.engine_restarts += ray.get(ledger.engine_restarts.remote())
+
+
+class ErrorRateExceeded(Exception):
+    """The job's error rows passed limits.max_error_rate: it stops before spending the rest of its GPU time."""
+
+
+class ErrorRate:
+    """Error rows of a run so far, against the spec's limits."""
+
+    def __init__(self, max_error_rate: float, min_rows: int):
+        self.max_error_rate, self.min_rows = max_error_rate, min_rows
+        self.rows = self.failed = 0
+
+    def add(self, rows: int, failed: int) -> None:
+        """Count a committed shard; ErrorRateExceeded once enough rows are done and too many failed."""
+        self.rows, self.failed = self.rows + rows, self.failed + failed
+        if self.rows >= self.min_rows and self.failed > self.max_error_rate * self.rows:
+            raise ErrorRateExceeded(
+                f"stopped after {self.rows} rows: {self.failed} are error rows ({self.failed / self.rows:.1%}), over "
+                f"limits.max_error_rate {self.max_error_rate:.1%}. The output's error_type and error columns say "
+                "what is wrong; fix the input or the spec and rerun (committed shards are kept), or raise the limit")
 
 
 class RunAccount:
@@ -529,13 +562,15 @@ def _is_live(holder: LeaseRecord) -> bool:
     return True
 
 
-def _follow(dataset, model: str, todo: list[Shard], started: float) -> int:
-    """Run the dataset, showing its progress as shards commit (see jobs.progress); the number of shards committed."""
+def _follow(dataset, model: str, todo: list[Shard], started: float, errors: ErrorRate) -> int:
+    """Run the dataset, showing its progress as shards commit (see jobs.progress); the number of shards committed.
+    Stops the dataset (ErrorRateExceeded) once the error rows pass the spec's limit."""
     committed = 0
     with Progress(model, sum(s.row_count for s in todo), len(todo), started=started) as progress:
         for summary in dataset.iter_rows():
             committed += summary["committed"]
             progress.update(summary)
+            errors.add(summary["rows"], summary["rows_failed"])
     return committed
 
 
@@ -618,6 +653,9 @@ def write_manifest(plan: JobPlan) -> JobManifest:
         output_tokens_per_s=totals.completion_tokens / totals.engine_seconds if totals.engine_seconds else 0.0,
         mean_running_batch=totals.batch_seconds / totals.engine_seconds if totals.engine_seconds else 0.0,
         structured_validity_rate=_validity_rate(totals),
+        error_rate=totals.rows_failed / totals.rows if totals.rows else 0.0,
+        error_limit_exceeded=totals.rows_failed > spec.limits.max_error_rate * totals.rows,
+        stopped=runs[-1].error if runs and runs[-1].outcome == "failed" else None,
         list_price_cost_usd=totals.cost_usd, accelerator_seconds=accelerator_seconds,
         accelerator_hour_usd=spec.prices.accelerator_hour, compute_cost_usd=compute_cost,
         savings_usd=totals.cost_usd - compute_cost, versions=versions(),

@@ -114,7 +114,7 @@ class JobOutput:
 def load_output(output_path: str, storage_options: dict | None = None) -> JobOutput:
     """Read the manifest, commit records, run records and the committed Parquet files' REPORT_COLUMNS."""
     options = storage_options or {}
-    layout = Layout(output_path.rstrip("/"))
+    layout = Layout.at(output_path)
     try:
         manifest = JobManifest.model_validate_json(storage.read_bytes(layout.url(MANIFEST_FILE), options))
     except FileNotFoundError:
@@ -436,6 +436,6 @@ def build_report(output_path: str, storage_options: dict | None = None) -> str:
 
 def write_report(output_path: str, out: str | None = None, storage_options: dict | None = None) -> str:
     """Write the report (default `<output_path>/_report.html`, any storage URL) and return where it went."""
-    target = out or Layout(output_path.rstrip("/")).url(REPORT_FILE)
+    target = out or Layout.at(output_path).url(REPORT_FILE)
     storage.write_bytes(target, build_report(output_path, storage_options).encode(), storage_options)
     return target

@@ -48,10 +48,13 @@ class CrashLedger:
 
     def __init__(self) -> None:
         self.crashes: dict[str, dict[int, int]] = {}
+        self.actors: set[str] = set()
         self.restarts = 0
 
-    def started(self, restarted: bool) -> None:
-        self.restarts += restarted
+    def started(self, actor_id: str) -> None:
+        """An engine actor came up; Ray restarts an actor under the same id."""
+        self.restarts += actor_id in self.actors
+        self.actors.add(actor_id)
 
     def engine_restarts(self) -> int:
         """Engine actors Ray restarted (after a crash, or with a lost node) in this run."""
@@ -152,7 +155,7 @@ class EngineStage(Stage):
         self._incoming: queue.SimpleQueue[tuple[str, Any, Any, _Request]] = queue.SimpleQueue()
         self._request_ids = itertools.count()
         if config.ledger is not None:
-            config.ledger.started.remote(ray.get_runtime_context().was_current_actor_reconstructed)
+            config.ledger.started.remote(ray.get_runtime_context().get_actor_id())
         threading.Thread(target=self._feed, name="engine-feeder", daemon=True).start()
         log.info("engine for %s ready in %.1f s", config.model, time.monotonic() - started)
 

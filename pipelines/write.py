@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -27,6 +28,12 @@ class Layout:
     """Where a job's files live under its output folder."""
 
     output: str
+
+    @classmethod
+    def at(cls, path: str) -> Layout:
+        """The layout of the output folder `path`; a relative local path made absolute, as listings name files."""
+        path = path.rstrip("/")
+        return cls(os.path.abspath(path) if "://" not in path else path)
 
     def data_file(self, variant: str, shard_id: str) -> str:
         return f"{variant}/part-{shard_id}.parquet"

@@ -171,6 +171,11 @@ class JobManifest(BaseModel):
         0.0, description="Rows in an engine's running batch, averaged over its busy time: low values while shards "
         "remain mean the engine was starved."
     )
+    error_rate: float = Field(0.0, description="rows_failed / rows_in.")
+    error_limit_exceeded: bool = Field(
+        False, description="error_rate is over the spec's limits.max_error_rate: the job counts as failed (exit 1)."
+    )
+    stopped: str | None = Field(None, description="Why the last run stopped before the end, if it did.")
     structured_validity_rate: float | None = Field(
         description="With a response format: share of answered rows whose answer satisfied it; else None."
     )

@@ -379,6 +379,18 @@ class PricesSpec(_Strict):
     )
 
 
+class LimitsSpec(_Strict):
+    """When a job stops itself: a broken job should not spend the rest of its GPU time on error rows."""
+
+    max_error_rate: float = Field(
+        0.1, gt=0, le=1, description="Share of error rows above which the job is failed: stopped early once "
+        "min_rows_before_check rows are done, and a finished job over it exits non-zero too."
+    )
+    min_rows_before_check: int = Field(
+        1000, ge=1, description="Rows done before the running error rate can stop the job."
+    )
+
+
 class JobSpec(_Strict):
     """A whole batch job."""
 
@@ -405,6 +417,7 @@ class JobSpec(_Strict):
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="How much of the cluster the job uses.")
     engine: EngineSpec = Field(default_factory=EngineSpec, description="vLLM engine settings.")
     prices: PricesSpec = Field(default_factory=PricesSpec, description="Price overrides for the cost columns.")
+    limits: LimitsSpec = Field(default_factory=LimitsSpec, description="When the job fails itself.")
     logical_date: datetime | None = Field(
         None, description="The logical date load_spec filled into `{ds}`/`{ts}` placeholders (set by it; a rendered "
         "spec keeps it). Part of the job's identity, so two scheduled slots never share a job id, nor the OpenAI "

@@ -979,7 +979,7 @@ def fake_cluster(monkeypatch: pytest.MonkeyPatch, follow) -> None:
     monkeypatch.setattr(resources, "plan_replicas", lambda *args: type("Replicas", (), {"accelerators": 3,
                                                                                        "llm_kwargs": {}})())
     monkeypatch.setattr(pipeline, "build_dataset", lambda *args, **kwargs: None)
-    monkeypatch.setattr(driver, "_follow", lambda dataset, model, todo, started: follow())
+    monkeypatch.setattr(driver, "_follow", lambda dataset, model, todo, started, errors: follow())
 
 
 def run_records(root: Path) -> list[dict[str, Any]]:

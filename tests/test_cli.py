@@ -184,7 +184,8 @@ def test_run_json_prints_only_the_manifest(tmp_path: Path, capfd: pytest.Capture
             complete=False, model_dump=lambda mode: {"job_id": spec.name, "complete": False}, job_id=spec.name,
             rows_in=10, rows_ok=5, rows_failed=0, shards=1, output_path="out", wall_seconds=1.0,
             output_tokens_per_s=1.0, list_price_cost_usd=0.0, compute_cost_usd=0.0, accelerator_seconds=1.0,
-            accelerator_hour_usd=2.5, totals=SimpleNamespace(prompt_tokens=1, completion_tokens=1))
+            accelerator_hour_usd=2.5, totals=SimpleNamespace(prompt_tokens=1, completion_tokens=1),
+            error_limit_exceeded=False, error_rate=0.0, stopped=None)
 
     monkeypatch.setattr("qwen_batch.jobs.driver.run_job", run_job)
     capfd.readouterr()

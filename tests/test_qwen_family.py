@@ -130,3 +130,26 @@ def test_tensor_parallel_two_runs_on_the_cpu_with_mp_workers(tmp_path, ray_local
     out = output(tmp_path)
     assert len(out) == 6 and all(r["error_type"] is None and r["completion_tokens"] == 12 for r in out)
     assert manifest.complete
+
+
+def test_a_job_whose_rows_all_fail_stops_early_and_exits_non_zero(tmp_path, ray_local, capsys):
+    import yaml
+
+    from qwen_batch.jobs.cli import main
+
+    schema = {"type": "object", "properties": {"why": {"type": "string"}}, "required": ["why"]}
+    # Every answer is cut off by max_tokens: all error rows. Four rows decode at a time, so shards commit one after
+    # another and the limit stops the job long before its 40 shards are done.
+    job = spec(tmp_path, rows(200), model={"variant": "tiny-qwen2"}, response_format={"json_schema": schema},
+               sampling={"max_tokens": 4, "temperature": 0}, engine={"max_num_seqs": 4},
+               limits={"max_error_rate": 0.5, "min_rows_before_check": 10})
+    spec_file = tmp_path / "job.yaml"
+    spec_file.write_text(yaml.safe_dump(job))
+
+    assert main(["run", str(spec_file), "--json"]) == 1
+
+    manifest = json.loads(capsys.readouterr().out)
+    assert manifest["error_limit_exceeded"] and not manifest["complete"] and manifest["error_rate"] == 1.0
+    assert "over limits.max_error_rate 50.0%" in manifest["stopped"]
+    assert 2 <= manifest["shards"] < 40
+    assert manifest["runs"][-1]["outcome"] == "failed"

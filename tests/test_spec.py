@@ -339,3 +339,25 @@ def test_logical_date_is_part_of_the_job_identity_only_where_placeholders_are() 
     hashes = {day: load_spec(dated, datetime(2026, 11, day)).output_hash() for day in (27, 28)}
     assert hashes[27] != hashes[28] == load_spec(dated, datetime(2026, 11, 28)).output_hash()
     assert load_spec(changed()).output_hash() == load_spec(changed(), datetime(2026, 11, 27)).output_hash()
+
+
+def test_the_readme_spec_reference_names_every_field() -> None:
+    """Every field a user can set has a row in README.md's spec reference (names only: descriptions may be shorter)."""
+    from pydantic import BaseModel
+
+    from qwen_batch.schemas.spec import JobSpec
+
+    def paths(model: type[BaseModel], prefix: str = "") -> list[str]:
+        found = []
+        for name, field in model.model_fields.items():
+            nested = [t for t in getattr(field.annotation, "__args__", (field.annotation,))
+                      if isinstance(t, type) and issubclass(t, BaseModel)]
+            if nested and name not in ("models", "replicas"):
+                found += paths(nested[0], f"{prefix}{name}.")
+            else:
+                found.append(prefix + name)
+        return found
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    missing = [path for path in paths(JobSpec) if f"| `{path}` |" not in readme]
+    assert not missing, f"README.md's spec reference lacks {missing}"

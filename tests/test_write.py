@@ -263,3 +263,14 @@ def test_totals_add_sums_counts_and_merges_breakdowns() -> None:
     assert first + Totals() == first
     assert sum([first, second], Totals()) == summed
 
+
+
+def test_a_relative_output_path_names_files_as_listings_do(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from qwen_batch.pipelines import storage
+
+    monkeypatch.chdir(tmp_path)
+    layout = Layout.at("out/")
+    storage.write_bytes(layout.url("_lease/1.json"), b"{}")
+    assert layout.output == str(tmp_path / "out")
+    assert storage.list_names(layout.output) == [layout.url("_lease/1.json")]
+    assert Layout.at("s3://bucket/out/").output == "s3://bucket/out"
