@@ -43,7 +43,7 @@ def test_the_demo_writes_its_rows_and_shows_only_its_progress_and_summary(tmp_pa
     assert all(tokens > 0 for tokens in table.column("completion_tokens").to_pylist()[:-1])
 
     out = done.stdout.splitlines()
-    assert out[0].startswith(f"job demo-review-sentiment-") and f"{ROWS} rows ({ROWS - 1} ok, 1 failed)" in out[0]
+    assert out[0].startswith("job demo-review-sentiment-") and f"{ROWS} rows ({ROWS - 1} ok, 1 failed)" in out[0]
     assert out[1].startswith("tokens: ") and out[2].startswith("cost: $")
     assert out[3:5] == [f"spec: {tmp_path / 'demo' / 'spec.yaml'}",
                         f"manifest: {tmp_path / 'demo' / 'output' / '_manifest.json'}"]
