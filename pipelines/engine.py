@@ -44,7 +44,7 @@ LEDGER_TIMEOUT_S = 30.0
 
 @ray.remote(num_cpus=0)
 class CrashLedger:
-    """How many engine failures each row (shard id, position in the shard) was in flight for, in one run."""
+    """How many engine failures each row (shard id, source row) was in flight for, in one run."""
 
     def __init__(self) -> None:
         self.crashes: dict[str, dict[int, int]] = {}
@@ -65,8 +65,9 @@ class CrashLedger:
             counts = self.crashes.setdefault(shard, {})
             counts[index] = counts.get(index, 0) + 1
 
-    def of_shard(self, shard: str) -> dict[int, int]:
-        return self.crashes.get(shard, {})
+    def of_shards(self, shards: list[str]) -> list[tuple[str, int, int]]:
+        """(shard, source row, failures) of the rows of these shards that were in flight at a failure."""
+        return [(shard, row, count) for shard in shards for row, count in self.crashes.get(shard, {}).items()]
 
 
 @dataclass(frozen=True)
@@ -125,6 +126,8 @@ class EngineStage(Stage):
 
     requires = {
         "id": "row id, which seeds the row's sampling",
+        "_shard": "shard id: with source_row, names the row to the crash ledger",
+        "source_row": "row position in its input file",
         "prompt_token_ids": "token ids of the chat-templated prompt, null for error rows",
         "_skip": "true for rows another model of the job answers",
         "_request": "the row's own sampling overrides (OpenAI batch requests), else null",
@@ -169,20 +172,22 @@ class EngineStage(Stage):
         skip = block.column("_skip").to_pylist()
         token_lists = block.column("prompt_token_ids").to_pylist()
         requests = block.column("_request").to_pylist()
-        shard = block.column("_shard")[0].as_py()
-        crashes = self._crashes(shard)
+        # A row is (shard, source_row) for the crash ledger: the same however Ray groups shards into blocks.
+        rows = list(zip(block.column("_shard").to_pylist(), block.column("source_row").to_pylist()))
+        crashes = self._crashes({shard for shard, _ in rows})
         futures: dict[int, Future] = {}
         for index, error_type in enumerate(error_types):
             if error_type is not None or skip[index]:
                 continue
-            if crashes.get(index, 0) >= CRASHES_BEFORE_ERROR:
+            failures = crashes.get(rows[index], 0)
+            if failures >= CRASHES_BEFORE_ERROR:
                 error_types[index], errors[index] = "engine_error", (
-                    f"the engine failed {crashes[index]} times with this row in it, the last time with no other row "
+                    f"the engine failed {failures} times with this row in it, the last time with no other row "
                     "beside it: the row was not answered. Check its prompt and sampling fields.")
                 continue
-            futures[index] = self._submit((shard, index), TokensPrompt(prompt_token_ids=token_lists[index]),
+            futures[index] = self._submit(rows[index], TokensPrompt(prompt_token_ids=token_lists[index]),
                                           lambda i=index: self.sampling_params(ids[i], requests[i]),
-                                          isolated=index in crashes)
+                                          isolated=failures > 0)
 
         count = block.num_rows
         text: list[str | None] = [None] * count
@@ -256,11 +261,12 @@ class EngineStage(Stage):
         reasoning = decode(token_ids[:end], skip_special_tokens=True).replace("</think>", "").strip()
         return end, reasoning, decode(token_ids[end:], skip_special_tokens=True).lstrip("\n")
 
-    def _crashes(self, shard: str) -> dict[int, int]:
-        """Engine failures per row of the shard so far in this run (none without a ledger)."""
-        if self.config.ledger is None:
+    def _crashes(self, shards: set[str]) -> dict[tuple[str, int], int]:
+        """Engine failures per row of these shards so far in this run (none without a ledger)."""
+        if self.config.ledger is None or not shards:
             return {}
-        return ray.get(self.config.ledger.of_shard.remote(shard), timeout=LEDGER_TIMEOUT_S)
+        found = ray.get(self.config.ledger.of_shards.remote(sorted(shards)), timeout=LEDGER_TIMEOUT_S)
+        return {(shard, row): count for shard, row, count in found}
 
     def _submit(self, row: tuple[str, int], prompt: Any, make_params: Any, isolated: bool) -> Future:
         """Queue one row for the feeder; the future resolves to a Generation, or the exception that rejected it."""
