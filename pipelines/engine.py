@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 # Rows each replica keeps in flight, as a multiple of the engine's max_num_seqs: enough queued behind the running
 # batch that a shard finishing never leaves the engine short of work.
 ROWS_IN_FLIGHT_PER_SEQ = 2
+STRAGGLING_SHARDS = 3
 # Engine failures a row may be part of: the first in company, the second alone, which makes it an error row.
 CRASHES_BEFORE_ERROR = 2
 LEDGER_TIMEOUT_S = 30.0
@@ -85,9 +86,10 @@ class EngineConfig:
 
 
 def shards_in_flight(max_num_seqs: int, rows_per_shard: int) -> int:
-    """Concurrent shards per replica that keep `ROWS_IN_FLIGHT_PER_SEQ x max_num_seqs` rows at the engine, plus
-    one more, so the rows of the shard after a finished one are already there."""
-    return math.ceil(ROWS_IN_FLIGHT_PER_SEQ * max_num_seqs / rows_per_shard) + 1
+    """Concurrent shards per replica: enough for `ROWS_IN_FLIGHT_PER_SEQ x max_num_seqs` rows, plus
+    STRAGGLING_SHARDS that may be down to their few longest rows, which hold their call open but feed the engine
+    almost nothing."""
+    return math.ceil(ROWS_IN_FLIGHT_PER_SEQ * max_num_seqs / rows_per_shard) + STRAGGLING_SHARDS
 
 
 @dataclass(frozen=True)
