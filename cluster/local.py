@@ -17,7 +17,7 @@ from typing import Any, TextIO
 
 import ray
 
-__all__ = ["LOCAL_OBJECT_STORE_BYTES", "cluster_gpus", "job_log_file", "ray_cluster", "ray_output"]
+__all__ = ["LOCAL_OBJECT_STORE_BYTES", "job_log_file", "ray_cluster", "ray_output"]
 
 log = logging.getLogger(__name__)
 
@@ -49,11 +49,6 @@ def ray_cluster(address: str | None = None) -> Iterator[None]:
         yield
     finally:
         ray.shutdown()
-
-
-def cluster_gpus() -> int:
-    """GPUs the connected Ray cluster has."""
-    return int(ray.cluster_resources().get("GPU", 0))
 
 
 def job_log_file(job_id: str, run_id: str) -> Path:
