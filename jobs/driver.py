@@ -327,7 +327,7 @@ def _run(plan: JobPlan, run: RunAccount, address: str | None, verbose: bool) -> 
 
     from qwen_batch.cluster.local import job_log_file, ray_cluster, ray_output
     from qwen_batch.cluster.resources import check_node_paths, cluster_nodes, plan_replicas
-    from qwen_batch.pipelines.engine import CrashLedger
+    from qwen_batch.pipelines.engine import new_crash_ledger
     from qwen_batch.pipelines.pipeline import build_dataset
 
     spec, run_id = plan.spec, run.run_id
@@ -348,7 +348,7 @@ def _run(plan: JobPlan, run: RunAccount, address: str | None, verbose: bool) -> 
                     model_started = time.monotonic()
                     replicas = plan_replicas(spec, model.spec, model.variant, model.max_model_len,
                                              cluster_nodes())
-                    ledger = CrashLedger.remote()
+                    ledger = new_crash_ledger()
                     dataset = build_dataset(todo, *stage_configs(plan, model, run_id, replicas.llm_kwargs),
                                             replicas, ledger)
                     with run.holding(replicas.accelerators):

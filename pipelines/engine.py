@@ -85,6 +85,14 @@ class EngineConfig:
     ledger: Any = None  # a CrashLedger handle
 
 
+def new_crash_ledger() -> Any:
+    """A CrashLedger on this (the driver's) node: it must outlive the loss of any engine's node."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return CrashLedger.options(scheduling_strategy=here).remote()
+
+
 def shards_in_flight(max_num_seqs: int, rows_per_shard: int) -> int:
     """Concurrent shards per replica: enough for `ROWS_IN_FLIGHT_PER_SEQ x max_num_seqs` rows, plus
     STRAGGLING_SHARDS that may be down to their few longest rows, which hold their call open but feed the engine

@@ -151,11 +151,12 @@ def test_losing_the_node_of_an_engine_mid_job_is_survived(cluster: Any, s3: Any,
         cluster.remove_node(victim, allow_graceful=False)
         time.sleep(5)
         cluster.add_node(**WORKER)
-        assert driver.wait(timeout=900) == 0
+        code = driver.wait(timeout=900)
     finally:
         if driver.poll() is None:
             driver.kill()
         reader.join()
+    assert code == 0, stderr[0][-4000:] if stderr else "no stderr"
     assert committed_at_loss < rows // ROWS_PER_SHARD, "the job finished before the node was lost"
     manifest = assert_exactly_once(output, rows)
     assert manifest["runs"][-1]["engine_restarts"] >= 1, stderr
