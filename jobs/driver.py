@@ -602,7 +602,8 @@ def stage_configs(plan: JobPlan, model: ModelPlan, run_id: str,
                         input_per_mtok=_or(spec.prices.input_per_mtok, variant.input_per_mtok),
                         output_per_mtok=_or(spec.prices.output_per_mtok, output_price(variant, thinking)),
                         carry_columns=tuple(spec.input.carry_columns), run_id=run_id,
-                        openai_output=spec.output.format == "openai-batch", job_id=plan.job_id)
+                        openai_output=spec.output.format == "openai-batch", job_id=plan.job_id,
+                        logprobs=spec.input.format == "openai-batch")
     return ReadConfig.of(spec.input, prompt_columns(spec)), prompt, engine, write
 
 

@@ -31,6 +31,7 @@ import ray
 
 from qwen_batch.pipelines.stage import Stage, with_errors
 from qwen_batch.pipelines.structured import StructuredOutput
+from qwen_batch.schemas.results import LOGPROBS_FIELD
 
 log = logging.getLogger(__name__)
 
@@ -111,13 +112,24 @@ class Generation:
     cached_tokens: int
     engine_seconds: float
     batch_seconds: float
+    logprobs: list[dict[str, Any]] | None = None
 
     @classmethod
-    def from_vllm(cls, output: Any, engine_seconds: float, batch_seconds: float) -> Generation:
-        """From a finished `vllm.RequestOutput`."""
+    def from_vllm(cls, output: Any, engine_seconds: float, batch_seconds: float, top_logprobs: int | None = None
+                  ) -> Generation:
+        """From a finished `vllm.RequestOutput`; with `top_logprobs`, each token's logprob and its best
+        `top_logprobs` alternatives (LOGPROBS_FIELD's shape)."""
         completion = output.outputs[0]
+        logprobs = None
+        if top_logprobs is not None and completion.logprobs is not None:
+            # vLLM lists the top alternatives by rank plus the chosen token wherever it ranks.
+            logprobs = [{"token": ranked[token_id].decoded_token, "logprob": ranked[token_id].logprob,
+                         "top_logprobs": [{"token": entry.decoded_token, "logprob": entry.logprob}
+                                          for entry in sorted(ranked.values(), key=lambda e: e.rank)[:top_logprobs]]}
+                        for token_id, ranked in zip(completion.token_ids, completion.logprobs)]
         return cls(list(completion.token_ids), completion.text, completion.finish_reason or "stop",
-                   len(output.prompt_token_ids), output.num_cached_tokens or 0, engine_seconds, batch_seconds)
+                   len(output.prompt_token_ids), output.num_cached_tokens or 0, engine_seconds, batch_seconds,
+                   logprobs)
 
 
 @dataclass
@@ -127,6 +139,7 @@ class _Request:
     row: tuple[str, int]
     future: Future
     isolated: bool = False
+    top_logprobs: int | None = None
     engine_seconds: float = 0.0
     batch_seconds: float = 0.0
 
@@ -153,6 +166,7 @@ class EngineStage(Stage):
         "prompt_tokens": "prompt length as the engine counted it",
         "cached_tokens": "prompt tokens served from the prefix cache",
         "parsed": "the answer when it satisfies the row's response format, else null",
+        "logprobs": "generated tokens with their logprobs and top alternatives, for rows whose request asked",
         "_engine_seconds": "the row's share of the engine's busy time (each step split among the rows in it)",
         "_batch_seconds": "engine busy time the row spent in the running batch",
     }
@@ -208,6 +222,7 @@ class EngineStage(Stage):
         prompt_tokens = [0] * count
         cached = [0] * count
         parsed: list[str | None] = [None] * count
+        logprobs: list[list[dict[str, Any]] | None] = [None] * count
         engine_seconds = [0.0] * count
         batch_seconds = [0.0] * count
         for index, future in futures.items():
@@ -223,6 +238,7 @@ class EngineStage(Stage):
             finish[index] = generation.finish_reason
             prompt_tokens[index] = generation.prompt_tokens
             cached[index] = generation.cached_tokens
+            logprobs[index] = generation.logprobs
             engine_seconds[index], batch_seconds[index] = generation.engine_seconds, generation.batch_seconds
             structured = self.structured_output(requests[index])
             if structured is not None:
@@ -239,6 +255,7 @@ class EngineStage(Stage):
             .append_column("prompt_tokens", pa.array(prompt_tokens, pa.int64()))
             .append_column("cached_tokens", pa.array(cached, pa.int64()))
             .append_column("parsed", pa.array(parsed, pa.string()))
+            .append_column(LOGPROBS_FIELD.name, pa.array(logprobs, LOGPROBS_FIELD.type))
             .append_column("_engine_seconds", pa.array(engine_seconds, pa.float64()))
             .append_column("_batch_seconds", pa.array(batch_seconds, pa.float64()))
         )
@@ -286,6 +303,7 @@ class EngineStage(Stage):
         except Exception as exc:  # noqa: BLE001 - bad per-row sampling fields fail that row only
             request.future.set_result(exc)
             return request.future
+        request.top_logprobs = params.logprobs
         self._incoming.put((f"row-{next(self._request_ids)}", prompt, params, request))
         return request.future
 
@@ -338,7 +356,8 @@ class EngineStage(Stage):
                 if output.finished:
                     del running[output.request_id]
                     request.future.set_result(
-                        Generation.from_vllm(output, request.engine_seconds, request.batch_seconds))
+                        Generation.from_vllm(output, request.engine_seconds, request.batch_seconds,
+                                             request.top_logprobs))
 
     def _exit(self, why: str, running: dict[str, _Request]) -> None:
         """Record the rows in flight in the ledger, then exit so Ray restarts the actor and retries its shards."""

@@ -20,8 +20,9 @@ CHAT_COMPLETIONS = "/v1/chat/completions"
 # Body fields with a meaning here; anything else a model server would act on is refused rather than ignored.
 SAMPLING_FIELDS = ("temperature", "top_p", "seed", "stop", "presence_penalty", "frequency_penalty",
                    "repetition_penalty")
-IGNORED_FIELDS = ("model", "messages", "user", "metadata", "store", "logprobs", "service_tier", "n",
-                  "max_tokens", "max_completion_tokens", "response_format", "stream")
+IGNORED_FIELDS = ("model", "messages", "user", "metadata", "store", "service_tier", "n", "max_tokens",
+                  "max_completion_tokens", "response_format", "stream", "logprobs", "top_logprobs")
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit on top_logprobs
 
 
 def parse_request(line: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -35,9 +36,12 @@ def parse_request(line: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]
     unsupported = sorted(set(body) - set(SAMPLING_FIELDS) - set(IGNORED_FIELDS))
     if unsupported:
         raise RowError("invalid_request", f"body fields {unsupported} are not supported; remove them")
-    if body.get("n", 1) != 1 or body.get("logprobs") or body.get("stream"):
-        raise RowError("invalid_request", "n > 1, logprobs and stream are not supported in batch jobs")
+    if body.get("n", 1) != 1 or body.get("stream"):
+        raise RowError("invalid_request", "body.n > 1 and body.stream are not supported in batch jobs; remove them")
     overrides = _sampling(body)
+    logprobs = _logprobs(body)
+    if logprobs is not None:
+        overrides["logprobs"] = logprobs
     response_format = _response_format(body.get("response_format"))
     if response_format is not None:
         overrides["response_format"] = response_format
@@ -100,6 +104,20 @@ def _allowed(field: str) -> str:
     return kind
 
 
+def _logprobs(body: dict[str, Any]) -> int | None:
+    """How many alternatives per generated token the row's logprobs list (0: the chosen token's only); None: no
+    logprobs. As OpenAI: `logprobs: true`, with `top_logprobs` in [0, 20]."""
+    wanted, top = body.get("logprobs"), body.get("top_logprobs")
+    if wanted is not None and not isinstance(wanted, bool):
+        raise RowError("invalid_request", f"body.logprobs: found {wanted!r}; allowed: true or false")
+    if top is not None and (isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= MAX_TOP_LOGPROBS):
+        raise RowError("invalid_request", f"body.top_logprobs: found {top!r}; allowed: an integer in "
+                       f"[0, {MAX_TOP_LOGPROBS}]")
+    if top is not None and not wanted:
+        raise RowError("invalid_request", "body.top_logprobs needs body.logprobs: true")
+    return (top or 0) if wanted else None
+
+
 def _response_format(given: Any) -> StructuredOutput | None:
     """OpenAI's response_format as ours: None (text), any JSON object, or JSON valid against a schema."""
     if given is None or given == {"type": "text"}:
@@ -132,10 +150,23 @@ def response_line(row: dict[str, Any], job_id: str, created: int) -> dict[str, A
         message["reasoning_content"] = row["reasoning_text"]
     body = {
         "id": f"chatcmpl-{digest[24:48]}", "object": "chat.completion", "created": created, "model": row["variant"],
-        "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": row["finish_reason"]}],
+        "choices": [{"index": 0, "message": message, "logprobs": _choice_logprobs(row.get("logprobs")),
+                     "finish_reason": row["finish_reason"]}],
         "usage": usage, "system_fingerprint": None,
     }
     line["response"] = {"status_code": 200, "request_id": f"req_{digest[48:64]}", "body": body}
     if row["error_type"] is not None:
         line["error"] = {"code": row["error_type"], "message": row["error"]}
     return line
+
+
+def _choice_logprobs(tokens: list[dict[str, Any]] | None) -> dict[str, Any] | None:
+    """A row's `logprobs` column as a chat completion choice's `logprobs` (tokens with their UTF-8 bytes)."""
+    if tokens is None:
+        return None
+
+    def entry(token: dict[str, Any]) -> dict[str, Any]:
+        return {"token": token["token"], "logprob": token["logprob"], "bytes": list(token["token"].encode())}
+
+    return {"content": [{**entry(token), "top_logprobs": [entry(top) for top in token["top_logprobs"]]}
+                        for token in tokens], "refusal": None}

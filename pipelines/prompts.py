@@ -15,7 +15,9 @@ import pyarrow.compute as pc
 from qwen_batch.pipelines.stage import Stage, with_errors
 from qwen_batch.schemas.errors import RowError
 
-CHAT_ROLES = ("system", "user", "assistant")
+CHAT_ROLES = ("system", "developer", "user", "assistant")
+# OpenAI's `developer` role is its newer name for the system message; Qwen's chat templates know only `system`.
+ROLE_AS = {"developer": "system"}
 
 
 @dataclass(frozen=True)
@@ -180,6 +182,7 @@ def _check_messages(column: str, chat: Any) -> list[dict[str, str]]:
     if not isinstance(chat, list) or not chat:
         raise RowError("invalid_messages", f"column {column!r} must be a non-empty list of {{role, content}} "
                        f"messages, found {_kind(chat)}")
+    checked = []
     for position, message in enumerate(chat):
         where = f"column {column!r} message {position}"
         if not isinstance(message, dict) or set(message) - {"role", "content", "name"} or "role" not in message:
@@ -187,14 +190,50 @@ def _check_messages(column: str, chat: Any) -> list[dict[str, str]]:
                            f"{_kind(message) if not isinstance(message, dict) else sorted(message)}")
         if message["role"] not in CHAT_ROLES:
             raise RowError("invalid_messages", f"{where} has role {message['role']!r}; expected one of {CHAT_ROLES}")
-        if not isinstance(message.get("content"), str):
-            raise RowError("invalid_messages", f"{where} content must be a string, found {_kind(message.get('content'))}")
-    if chat[-1]["role"] != "user":
+        role = ROLE_AS.get(message["role"], message["role"])
+        checked.append({"role": role, "content": _content_text(where, message.get("content"))})
+    if checked[-1]["role"] != "user":
         raise RowError("invalid_messages", f"column {column!r}: the last message must be from the user, found "
                        f"{chat[-1]['role']!r}")
-    if not any(m["content"].strip() for m in chat if m["role"] == "user"):
+    if not any(m["content"].strip() for m in checked if m["role"] == "user"):
         raise RowError("empty_prompt", f"column {column!r}: every user message is empty or whitespace only")
-    return [{"role": m["role"], "content": m["content"]} for m in chat]
+    return checked
+
+
+TEXT_PART_SEPARATOR = "\n"  # how vLLM's OpenAI server joins a message's text parts for a text-only model
+
+
+def _content_text(where: str, content: Any) -> str:
+    """A message's content as text: a string, or OpenAI's list of content parts with its text parts joined."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list) or not content:
+        raise RowError("invalid_messages", f"{where} content must be a string or a non-empty list of content parts, "
+                       f"found {_kind(content)}")
+    texts = []
+    for index, part in enumerate(content):
+        place = f"{where} content part {index}"
+        # Parquet structs carry every part field, null where a part has none.
+        part = {key: value for key, value in part.items() if value is not None} if isinstance(part, dict) else part
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+        elif kind in IMAGE_PART_TYPES:
+            _image_part(place, part)
+        else:
+            raise RowError("invalid_messages", f"{place} must be a text part {{type: text, text: <string>}}, found "
+                           f"{sorted(part) if isinstance(part, dict) else _kind(part)}"
+                           f"{f' of type {kind!r}' if isinstance(kind, str) else ''}")
+    return TEXT_PART_SEPARATOR.join(texts)
+
+
+IMAGE_PART_TYPES = ("image_url", "input_image")
+
+
+def _image_part(place: str, part: dict[str, Any]) -> None:
+    """An image content part: where an image input becomes the row's image (Qwen2.5-VL); refused until then."""
+    raise RowError("invalid_request", f"{place} is an {part['type']!r} part: image inputs are not supported yet; "
+                   "remove the part to answer the row from its text")
 
 
 def _kind(value: Any) -> str:

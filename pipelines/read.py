@@ -50,6 +50,7 @@ REQUEST_TYPE = pa.struct([
     ("stop", pa.list_(pa.string())), ("presence_penalty", pa.float64()), ("frequency_penalty", pa.float64()),
     ("repetition_penalty", pa.float64()),
     ("response_format", pa.string()),  # pipelines.structured.StructuredOutput.to_json()
+    ("logprobs", pa.int64()),  # alternatives listed per generated token (0: the chosen one only); null: no logprobs
 ])
 
 # Columns every block carries besides the carried input columns.

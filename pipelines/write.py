@@ -16,7 +16,7 @@ from qwen_batch.pipelines import storage
 from qwen_batch.pipelines.metrics import record_commit
 from qwen_batch.pipelines.openai_batch import response_line
 from qwen_batch.pipelines.stage import Stage
-from qwen_batch.schemas.results import RESULT_SCHEMA, CommitRecord, Totals
+from qwen_batch.schemas.results import LOGPROBS_FIELD, RESULT_SCHEMA, CommitRecord, Totals
 
 COMMITS_DIR = "_commits"
 ANSWERED_ERROR = "invalid_structured_output"
@@ -65,6 +65,7 @@ class WriteConfig:
     run_id: str
     openai_output: bool = False
     job_id: str = ""
+    logprobs: bool = False  # the output has the `logprobs` column (OpenAI batch input, whose requests may ask)
 
 
 class WriteStage(Stage):
@@ -82,6 +83,7 @@ class WriteStage(Stage):
         "parsed": "the answer when it satisfied the row's response format, else null",
         "completion_token_ids": "token ids the engine generated",
         "finish_reason": "`stop`, `length`, or `error`",
+        "logprobs": "generated tokens with their logprobs, for rows whose request asked",
         "_skip": "true for rows another model of the job answers",
         "prompt_tokens": "prompt tokens the engine counted",
         "cached_tokens": "prompt tokens from the prefix cache",
@@ -194,6 +196,9 @@ def results_table(block: pa.Table, config: WriteConfig) -> pa.Table:
         "source_row": block.column("source_row"),
     }
     table = pa.table(columns, schema=RESULT_SCHEMA)
+    if config.logprobs:
+        table = table.append_column(LOGPROBS_FIELD, pc.if_else(failed, pa.scalar(None, LOGPROBS_FIELD.type),
+                                                               block.column(LOGPROBS_FIELD.name)))
     for name in config.carry_columns:
         table = table.append_column(name, block.column(name))
     return table

@@ -32,7 +32,12 @@ RESULT_SCHEMA = pa.schema(
         pa.field("source_row", pa.int64(), nullable=False),
     ]
 )
-RESULT_COLUMNS = frozenset(RESULT_SCHEMA.names)
+_TOKEN_LOGPROB = [pa.field("token", pa.string()), pa.field("logprob", pa.float64())]
+LOGPROBS_FIELD = pa.field("logprobs", pa.list_(pa.struct(
+    [*_TOKEN_LOGPROB, pa.field("top_logprobs", pa.list_(pa.struct(_TOKEN_LOGPROB)))])))
+"""Each generated token with its log probability and the most likely alternatives, for rows whose request asked
+(OpenAI's `logprobs`/`top_logprobs`), else null: a column of OpenAI batch jobs, after the ones above."""
+RESULT_COLUMNS = frozenset([*RESULT_SCHEMA.names, LOGPROBS_FIELD.name])
 
 
 class Totals(BaseModel):

@@ -51,7 +51,12 @@ def test_request_fields_become_sampling_and_response_format_overrides():
     ({"custom_id": "x", "method": "POST", "url": "/v1/embeddings", "body": {}}, "only chat completions"),
     ({"custom_id": "x", "method": "POST", "url": "/v1/chat/completions", "body": "hi"}, "`body` must be an object"),
     ({"custom_id": "x", "url": "/v1/chat/completions", "body": {"messages": [], "tools": []}}, "['tools'] are not"),
-    ({"custom_id": "x", "url": "/v1/chat/completions", "body": {"messages": [], "n": 2}}, "n > 1"),
+    ({"custom_id": "x", "url": "/v1/chat/completions", "body": {"messages": [], "n": 2}}, "body.n > 1"),
+    ({"custom_id": "x", "url": "/v1/chat/completions", "body": {"messages": [], "stream": True}}, "body.stream"),
+    ({"custom_id": "x", "url": "/v1/chat/completions", "body": {"top_logprobs": 3}}, "needs body.logprobs: true"),
+    ({"custom_id": "x", "url": "/v1/chat/completions", "body": {"logprobs": True, "top_logprobs": 21}},
+     "body.top_logprobs: found 21; allowed: an integer in [0, 20]"),
+    ({"custom_id": "x", "url": "/v1/chat/completions", "body": {"logprobs": 1}}, "body.logprobs: found 1"),
     ({"custom_id": "x", "url": "/v1/chat/completions", "body": {"messages": [], "max_tokens": 0}}, "allowed: an integer > 0"),
     ({"custom_id": "x", "url": "/v1/chat/completions", "body": {"response_format": {"type": "xml"}}}, "json_schema"),
 ])
@@ -59,6 +64,32 @@ def test_requests_we_cannot_honour_are_refused_with_a_reason(line, message):
     with pytest.raises(RowError, match=message.replace("[", r"\[").replace("]", r"\]")) as caught:
         parse_request(line)
     assert caught.value.error_type == "invalid_request"
+
+
+@pytest.mark.parametrize("body,logprobs", [
+    ({"logprobs": True, "top_logprobs": 3}, 3), ({"logprobs": True}, 0), ({"logprobs": False}, None),
+])
+def test_logprobs_requests_name_how_many_alternatives_per_token(body, logprobs):
+    _, overrides = parse_request({"custom_id": "x", "url": "/v1/chat/completions", "body": {"messages": [], **body}})
+    assert overrides.get("logprobs") == logprobs
+
+
+def test_response_lines_are_openais_own_chat_completion_type():
+    """Lines with and without logprobs, a structured answer and an error row, held to the `openai` package's types."""
+    from openai.types.chat import ChatCompletion
+
+    row = {"id": "r", "variant": "tiny-qwen2", "generated_text": "Hi there", "finish_reason": "length",
+           "prompt_tokens": 9, "completion_tokens": 2, "total_tokens": 11, "cached_tokens": 0, "reasoning_tokens": 0,
+           "reasoning_text": None, "error_type": None, "error": None,
+           "logprobs": [{"token": "Hi", "logprob": -0.5, "top_logprobs": [{"token": "Hi", "logprob": -0.5},
+                                                                         {"token": "Hello", "logprob": -1.2}]},
+                        {"token": " thé", "logprob": -2.0, "top_logprobs": []}]}
+    body = ChatCompletion.model_validate(response_line(row, "job", 1)["response"]["body"])
+    content = body.choices[0].logprobs.content
+    assert [t.token for t in content] == ["Hi", " thé"] and content[1].bytes == list(" thé".encode())
+    assert [t.token for t in content[0].top_logprobs] == ["Hi", "Hello"]
+    plain = ChatCompletion.model_validate(response_line({**row, "logprobs": None}, "job", 1)["response"]["body"])
+    assert plain.choices[0].logprobs is None and plain.usage.total_tokens == 11
 
 
 def test_response_line_has_openais_output_shape_with_usage():
@@ -152,4 +183,4 @@ def test_every_request_field_we_honour_has_a_typed_column():
     from qwen_batch.pipelines.openai_batch import SAMPLING_FIELDS
     from qwen_batch.pipelines.read import REQUEST_TYPE
 
-    assert {*SAMPLING_FIELDS, "max_tokens", "response_format"} == {field.name for field in REQUEST_TYPE}
+    assert {*SAMPLING_FIELDS, "max_tokens", "response_format", "logprobs"} == {field.name for field in REQUEST_TYPE}

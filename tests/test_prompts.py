@@ -257,13 +257,20 @@ def test_missing_column_read_from_a_file_is_an_invalid_field_error(
         ([{"content": "hi"}], "column 'chat' message 0 must be an object with `role` and `content`, found ['content']"),
         ([{"role": "user", "content": "hi", "extra": 1}], "found ['content', 'extra', 'role']"),
         ([{"role": "robot", "content": "hi"}], "column 'chat' message 0 has role 'robot'; expected one of"),
-        ([{"role": "user"}], "column 'chat' message 0 content must be a string, found null"),
-        ([{"role": "user", "content": 7}], "column 'chat' message 0 content must be a string, found int"),
+        ([{"role": "user"}], "column 'chat' message 0 content must be a string or a non-empty list of content parts, "
+         "found null"),
+        ([{"role": "user", "content": 7}], "column 'chat' message 0 content must be a string or a non-empty list of "
+         "content parts, found int"),
+        ([{"role": "user", "content": []}], "column 'chat' message 0 content must be a string or a non-empty list"),
+        ([{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}],
+         "column 'chat' message 0 content part 0 must be a text part {type: text, text: <string>}, found "
+         "['input_audio', 'type'] of type 'input_audio'"),
+        ([{"role": "user", "content": [{"type": "text", "text": 5}]}], "content part 0 must be a text part"),
         ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],
          "column 'chat': the last message must be from the user, found 'assistant'"),
     ],
     ids=["string", "empty-list", "null", "missing-column", "non-object-message", "no-role", "extra-key", "bad-role",
-         "no-content", "non-string-content", "last-not-user"],
+         "no-content", "non-string-content", "no-parts", "audio-part", "non-string-text-part", "last-not-user"],
 )
 def test_invalid_messages_are_error_rows_saying_what_is_wrong(
     messages_stage: PromptStage, chat: Any, complaint: str
@@ -276,6 +283,36 @@ def test_invalid_messages_are_error_rows_saying_what_is_wrong(
     assert ok == (None, None)
     assert out.column("prompt_token_ids")[0].as_py() is None
     assert out.column("prompt_token_ids")[1].as_py()
+
+
+def test_openai_content_parts_and_developer_role_are_the_same_chat_as_plain_messages(
+    tmp_path: Path, messages_stage: PromptStage, tokenizer: PreTrainedTokenizerBase
+) -> None:
+    """As OpenAI's API takes them: `developer` is the system message, text parts are joined with newlines (as vLLM's
+    server joins them), from JSONL objects and from Parquet structs whose parts carry nulls."""
+    parts = [{"role": "developer", "content": [{"type": "text", "text": "Be brief."}]},
+             {"role": "user", "content": [{"type": "text", "text": "Line one."}, {"type": "text", "text": "Two."}]}]
+    expected = expected_ids(tokenizer, [{"role": "system", "content": "Be brief."},
+                                        {"role": "user", "content": "Line one.\nTwo."}])
+    jsonl = tmp_path / "parts.jsonl"
+    jsonl.write_text(json.dumps({"chat": parts}) + "\n")
+    parquet = tmp_path / "parts.parquet"
+    pq.write_table(pa.table({"chat": [[{"role": m["role"], "content": [{**p, "image_url": None} for p in m["content"]]}
+                                       for m in parts]]}), parquet)
+    for path, format in ((jsonl, "jsonl"), (parquet, "parquet")):
+        out = messages_stage(read_block(path, format, ["chat"]))
+        assert row_errors(out) == [(None, None)]
+        assert out.column("prompt_token_ids")[0].as_py() == expected, format
+
+
+def test_an_image_part_is_an_invalid_request_row_naming_the_part(messages_stage: PromptStage) -> None:
+    chat = [{"role": "user", "content": [{"type": "text", "text": "What is this?"},
+                                         {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]
+    out = messages_stage(hand_block([{"chat": chat}]))
+
+    [(error_type, error)] = row_errors(out)
+    assert error_type == "invalid_request"
+    assert error.startswith("column 'chat' message 0 content part 1 is an 'image_url' part")
 
 
 def test_chat_whose_user_messages_are_all_blank_is_an_empty_prompt(messages_stage: PromptStage) -> None:
