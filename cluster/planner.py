@@ -5,7 +5,7 @@ Pure arithmetic on the catalog's architecture facts: no Ray, vLLM or torch. Size
 Memory model, per GPU, after vLLM's own accounting (the KV cache gets what is left of its share of the GPU):
 
     usable   = memory_gib x gpu_memory_utilization
-    kv_cache = usable - weights / tp - OVERHEAD_GIB_PER_GPU
+    kv_cache = usable - weights / tp - OVERHEAD_GIB_PER_GPU - vision_encoder_gib
 
 - Weights: parameters x bytes per weight: 2 for bf16 (4 for the float32 test models), 1 for fp8 and int8, 0.5 for
   4-bit AWQ/GPTQ, plus the quantization scales (see QUANTIZED_WEIGHT_BYTES). Quantized checkpoints keep the
@@ -15,6 +15,11 @@ Memory model, per GPU, after vLLM's own accounting (the KV cache gets what is le
   KV heads) are ignored.
 - Overhead: a fixed OVERHEAD_GIB_PER_GPU for the activation peak vLLM profiles, CUDA graphs, NCCL buffers and
   allocator slack; an approximation, not a measurement.
+- Vision tower (Qwen2.5-VL): its weights are in params_b, and stay 16-bit in quantized checkpoints (AWQ leaves the
+  `visual` modules unquantized). vLLM's start-up profile also runs the encoder on the largest image the processor
+  makes (its max_pixels, 12.8 MP = 16,384 image tokens = 65,536 patches) and reserves the encoder cache for it:
+  `vision_encoder_gib` per GPU = patches x (the ViT's MLP gate and up outputs + 4 widths of buffers + the patch's
+  pixel values) x 2 bytes + image tokens x hidden_size x 2 bytes, not divided over tp ranks (an upper bound).
 - KV cache: one token takes 2 (K and V) x layers x KV heads per rank x head_dim x dtype bytes on each GPU. The KV
   heads are split over the ranks, and replicated once tp exceeds them (KV heads per rank = max(1, kv_heads // tp)).
   Every rank holds its share of every token, so a replica holds as many tokens as one of its GPUs, in whole blocks
@@ -68,6 +73,7 @@ __all__ = [
     "kv_bytes_per_token",
     "lognormal_lengths",
     "plan_variant",
+    "vision_encoder_bytes",
     "weight_bytes",
 ]
 
@@ -87,6 +93,15 @@ PREFILL_MFU = 0.4
 DEFAULT_MAX_NUM_SEQS = 256
 # Padded vocabulary of Qwen2.5 (0.5B-3B) and Qwen3 checkpoints; Qwen2.5 7B+ pad to 152,064 (0.1% more).
 QWEN_VOCAB_SIZE = 151_936
+# Qwen2.5-VL's vision encoder at its processor's largest image (preprocessor_config.json max_pixels), where vLLM
+# profiles it: one image token per 28x28 pixels, 4 patches of 14x14x3 pixels x 2 frames each; the ViT is 1280 wide
+# with a 3420-wide MLP in every size.
+VISION_MAX_PIXELS = 12_845_056
+VISION_PIXELS_PER_TOKEN = 28 * 28
+VISION_PATCHES_PER_TOKEN = 4
+VISION_PATCH_VALUES = 3 * 2 * 14 * 14
+VISION_WIDTH = 1280
+VISION_MLP_WIDTH = 3420
 # Dense models this small tie lm_head to the embedding (`tie_word_embeddings` in Qwen2.5 <= 3B and Qwen3 <= 4B).
 TIED_EMBEDDINGS_BELOW_B = 5.0
 
@@ -174,6 +189,7 @@ class VariantPlan:
     fits: bool  # max_concurrent_seqs >= min_concurrent_seqs
     warning: str | None = None  # why an explicit tensor_parallel_size does not fit, and which one would
     pipeline_parallel_size: int = 1  # stages of tensor_parallel_size GPUs each, one node per stage
+    vision_encoder_gib: float = 0.0  # per GPU: the vision encoder's profiled peak and encoder cache (VL models)
 
     @property
     def gpus_per_replica(self) -> int:
@@ -190,7 +206,9 @@ class VariantPlan:
         text = (
             f"{self.variant.name} on {self.gpus} x {self.gpu}: tensor_parallel_size {self.tensor_parallel_size}{stages}, "
             f"{self.replicas} replica(s); per GPU {self.weights_per_gpu_gib:.1f} GiB weights + "
-            f"{self.overhead_per_gpu_gib:.1f} GiB overhead + {self.kv_cache_per_gpu_gib:.1f} GiB KV cache of "
+            f"{self.overhead_per_gpu_gib:.1f} GiB overhead + "
+            + (f"{self.vision_encoder_gib:.1f} GiB vision encoder + " if self.vision_encoder_gib else "")
+            + f"{self.kv_cache_per_gpu_gib:.1f} GiB KV cache of "
             f"{self.usable_gib_per_gpu:.1f} GiB usable; {self.kv_capacity_tokens:,} KV tokens per replica = "
             f"{self.max_concurrent_seqs} sequences of {self.max_model_len:,}"
         )
@@ -223,13 +241,26 @@ def embedding_params(variant: ModelVariant) -> float:
 
 
 def weight_bytes(variant: ModelVariant) -> float:
-    """Bytes of the variant's weights as loaded: quantized layers with their scales, 16-bit embeddings."""
+    """Bytes of the variant's weights as loaded: quantized layers with their scales, 16-bit embeddings and vision
+    tower."""
     dtype_bytes = DTYPE_BYTES[variant.dtype]
     total = variant.params_b * 1e9
     if variant.quantization is None:
         return total * dtype_bytes
-    embeddings = embedding_params(variant)
-    return (total - embeddings) * QUANTIZED_WEIGHT_BYTES[variant.quantization] + embeddings * dtype_bytes
+    unquantized = embedding_params(variant) + (variant.vision_params_b or 0.0) * 1e9
+    return (total - unquantized) * QUANTIZED_WEIGHT_BYTES[variant.quantization] + unquantized * dtype_bytes
+
+
+def vision_encoder_bytes(variant: ModelVariant) -> float:
+    """Bytes each GPU holds for the vision encoder beyond its weights: the activation peak of vLLM's profile run on
+    the largest image and that image's embeddings in the encoder cache (0 for text-only models)."""
+    if variant.vision_params_b is None:
+        return 0.0
+    tokens = VISION_MAX_PIXELS // VISION_PIXELS_PER_TOKEN
+    patches = tokens * VISION_PATCHES_PER_TOKEN
+    dtype_bytes = DTYPE_BYTES[variant.dtype]
+    per_patch = 2 * VISION_MLP_WIDTH + 4 * VISION_WIDTH + VISION_PATCH_VALUES
+    return patches * per_patch * dtype_bytes + tokens * variant.hidden_size * dtype_bytes
 
 
 def kv_bytes_per_token(variant: ModelVariant, tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1) -> int:
@@ -381,7 +412,8 @@ def _plan_at(variant: ModelVariant, gpu: GpuType, gpus: int, tensor_parallel_siz
     usable = gpu.memory_gib * gpu_memory_utilization
     weights = weight_bytes(variant) / GIB
     per_gpu = weights / (tensor_parallel_size * pipeline_parallel_size)
-    kv_cache = usable - per_gpu - OVERHEAD_GIB_PER_GPU
+    vision = vision_encoder_bytes(variant) / GIB
+    kv_cache = usable - per_gpu - OVERHEAD_GIB_PER_GPU - vision
     per_token = kv_bytes_per_token(variant, tensor_parallel_size, pipeline_parallel_size)
     blocks = max(0, math.floor(kv_cache * GIB / (per_token * KV_BLOCK_TOKENS)))
     tokens = blocks * KV_BLOCK_TOKENS
@@ -394,6 +426,7 @@ def _plan_at(variant: ModelVariant, gpu: GpuType, gpus: int, tensor_parallel_siz
         weights_per_gpu_gib=per_gpu, overhead_per_gpu_gib=OVERHEAD_GIB_PER_GPU,
         kv_cache_per_gpu_gib=max(0.0, kv_cache), kv_bytes_per_token_per_gpu=per_token, kv_capacity_tokens=tokens,
         max_concurrent_seqs=seqs, min_concurrent_seqs=min_concurrent_seqs, fits=seqs >= min_concurrent_seqs,
+        vision_encoder_gib=vision,
     )
 
 

@@ -164,7 +164,8 @@ def _parser() -> argparse.ArgumentParser:
 
     tiny = command("make-tiny-model", _make_tiny_model,
                    "Build a tiny random-weight Qwen checkpoint for tests, offline.")
-    tiny.add_argument("--arch", choices=["qwen2", "qwen3"], required=True, help="Architecture of the checkpoint.")
+    tiny.add_argument("--arch", choices=["qwen2", "qwen3", "qwen2_5_vl"], required=True,
+                      help="Architecture of the checkpoint.")
     tiny.add_argument("out_dir", nargs="?", help="Folder to write; when not given, the model folder, where variant "
                       "`tiny-<arch>` finds it.")
 

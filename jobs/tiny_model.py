@@ -12,17 +12,28 @@ from typing import Literal
 import torch
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, pre_tokenizers, processors
 from tokenizers.models import BPE
-from transformers import PreTrainedConfig, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+from transformers import (
+    PreTrainedConfig,
+    PreTrainedModel,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 __all__ = ["make_tiny_model"]
 
-Arch = Literal["qwen2", "qwen3"]
+Arch = Literal["qwen2", "qwen3", "qwen2_5_vl"]
 
 SEED = 0
 MAX_POSITION_EMBEDDINGS = 4096
 ENDOFTEXT_ID = 151643
 IM_END_ID = 151645
+# Qwen2.5-VL's vision tokens, as its config.json names them (ids of ADDED_TOKENS below).
+VISION_START_ID, VISION_END_ID, VISION_PAD_ID, IMAGE_PAD_ID, VIDEO_PAD_ID = 151652, 151653, 151654, 151655, 151656
 
 QWEN_PRETOKENIZE_REGEX = (
     r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
@@ -209,7 +220,38 @@ QWEN3_CHAT_TEMPLATE = """\
 {%- endif %}
 """
 
-CHAT_TEMPLATES: dict[Arch, str] = {"qwen2": QWEN2_CHAT_TEMPLATE, "qwen3": QWEN3_CHAT_TEMPLATE}
+# Qwen2.5-VL-Instruct's template (its chat_template.json): content is a string or a list of parts, each image part
+# one `<|vision_start|><|image_pad|><|vision_end|>`, which the processor widens to the image's tokens.
+QWEN2_5_VL_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}"
+    "<|im_end|>\n{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: "
+    "{% endif %}<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}Video {{ video_count.value }}: "
+    "{% endif %}<|vision_start|><|video_pad|><|vision_end|>{% elif 'text' in content %}{{ content['text'] }}"
+    "{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% endif %}"
+)
+
+CHAT_TEMPLATES: dict[Arch, str] = {
+    "qwen2": QWEN2_CHAT_TEMPLATE, "qwen3": QWEN3_CHAT_TEMPLATE, "qwen2_5_vl": QWEN2_5_VL_CHAT_TEMPLATE,
+}
+
+# Qwen2.5-VL-Instruct's preprocessor_config.json: 14-pixel patches merged 2x2, so one image token per 28x28 pixels.
+QWEN2_5_VL_PREPROCESSOR = {
+    "min_pixels": 3136,
+    "max_pixels": 12845056,
+    "patch_size": 14,
+    "temporal_patch_size": 2,
+    "merge_size": 2,
+    "image_mean": [0.48145466, 0.4578275, 0.40821073],
+    "image_std": [0.26862954, 0.26130258, 0.27577711],
+    "image_processor_type": "Qwen2VLImageProcessor",
+    "processor_class": "Qwen2_5_VLProcessor",
+}
 
 
 def make_tiny_model(arch: Arch, out_dir: str | Path) -> Path:
@@ -221,6 +263,9 @@ def make_tiny_model(arch: Arch, out_dir: str | Path) -> Path:
     _write_weights(arch, out_dir)
     _write_generation_config(out_dir)
     _write_tokenizer(arch, out_dir)
+    if arch == "qwen2_5_vl":
+        _write_json(out_dir / "preprocessor_config.json", QWEN2_5_VL_PREPROCESSOR)
+        _write_json(out_dir / "chat_template.json", {"chat_template": QWEN2_5_VL_CHAT_TEMPLATE})
     return out_dir
 
 
@@ -243,14 +288,32 @@ def _model_config(arch: Arch) -> PreTrainedConfig:
     )
     if arch == "qwen3":
         return Qwen3Config(head_dim=32, **shape)
+    if arch == "qwen2_5_vl":
+        return _vl_config(shape)
     return Qwen2Config(**shape)
+
+
+def _vl_config(text: dict[str, object]) -> Qwen2_5_VLConfig:
+    """Qwen2.5-VL around the tiny text shape: its vision tower (14-pixel patches, 2x2 merge, window attention with
+    the last of 2 blocks full) at width 64, multimodal rope split over the 32-wide heads as Qwen's 128-wide ones are."""
+    vision = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=text["hidden_size"],
+                  patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                  fullatt_block_indexes=[1], tokens_per_second=2, in_chans=3)
+    text_config = {**text, "rope_scaling": {"type": "mrope", "mrope_section": [4, 6, 6]}}
+    return Qwen2_5_VLConfig(
+        text_config=text_config, vision_config=vision, image_token_id=IMAGE_PAD_ID, video_token_id=VIDEO_PAD_ID,
+        vision_start_token_id=VISION_START_ID, vision_end_token_id=VISION_END_ID, vision_token_id=VISION_PAD_ID,
+        tie_word_embeddings=True, torch_dtype="float32",
+    )
 
 
 def _write_weights(arch: Arch, out_dir: Path) -> None:
     """Save seeded random weights as float32 safetensors, with config.json (vLLM's CPU bf16 matmuls fall back to a
     path 6-8x slower for these shapes)."""
     config = _model_config(arch)
-    model_class = Qwen3ForCausalLM if arch == "qwen3" else Qwen2ForCausalLM
+    model_class: type[PreTrainedModel] = {
+        "qwen2": Qwen2ForCausalLM, "qwen3": Qwen3ForCausalLM, "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration,
+    }[arch]
     torch.manual_seed(SEED)
     model = model_class(config).to(torch.float32)
     model.save_pretrained(out_dir, safe_serialization=True)

@@ -35,13 +35,17 @@ class ModelVariant(BaseModel):
         description="Hugging Face id the engine loads; found first under the local model folder "
         "(QWEN_BATCH_MODEL_DIR/<hf_id>), where `qwen-batch make-tiny-model` puts the `qwen-batch/tiny-*` checkpoints."
     )
-    family: Literal["qwen2.5", "qwen2.5-coder", "qwen2.5-math", "qwen3", "qwen3-moe", "tiny"] = Field(
+    family: Literal["qwen2.5", "qwen2.5-coder", "qwen2.5-math", "qwen2.5-vl", "qwen3", "qwen3-moe", "tiny"] = Field(
         description="Model family, for grouping in `qwen-batch models`."
     )
-    architecture: Literal["Qwen2ForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM"] = Field(
-        description="Transformers architecture class from the checkpoint's config.json."
+    architecture: Literal[
+        "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "Qwen2_5_VLForConditionalGeneration"
+    ] = Field(description="Transformers architecture class from the checkpoint's config.json.")
+    params_b: float = Field(description="Total parameters, in billions (the vision tower's included).")
+    vision_params_b: float | None = Field(
+        None, description="Parameters of the vision tower (ViT and patch merger), in billions; None for text-only "
+        "models. A variant with a vision tower takes images (`prompt.images`, OpenAI `image_url` parts)."
     )
-    params_b: float = Field(description="Total parameters, in billions.")
     active_params_b: float | None = Field(None, description="Parameters active per token for MoE models, in billions.")
     num_layers: int = Field(description="Transformer layers (`num_hidden_layers`).")
     hidden_size: int = Field(description="Model width (`hidden_size`).")
@@ -92,6 +96,12 @@ class ModelVariant(BaseModel):
 #   mirrored in models.dev (providers/alibaba/models/*.toml, 2025 snapshots in the narevai and simon-iribarren
 #   forks). Newer upstream models.dev snapshots show lower Qwen3 figures (e.g. qwen3-8b $0.072/$0.287/$0.717) that
 #   match mainland-China CNY prices converted to USD; re-check the live page before relying on a bill.
+# - Qwen2.5-VL: the Qwen2.5-VL-3B/7B config.json (text shape; vision_config depth 32, width 1280, MLP 3420, merger
+#   from 4 x 1280 to the text width) and the Hugging Face cards (parameter counts 3.75B / 8.29B / 33.5B / 73.4B,
+#   32,768-token context as configured, licences; AWQ checkpoints for all four). The vision tower's size is counted
+#   from that shape: 630M in the ViT blocks plus the patch embedding and merger, 0.67B-0.70B with the merger's output
+#   width. Image tokens are input tokens at the text price, as Model Studio bills them; Model Studio lists
+#   qwen2.5-vl-7b-instruct and -72b-instruct ($0.35/$1.05, $2.80/$8.40).
 
 # Qwen2.5-Instruct generation_config.json values; the per-size files were not read (Qwen2's 0.5B/1.5B used 1.1).
 _QWEN25_SAMPLING = Sampling(temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.05)
@@ -109,6 +119,8 @@ _MODEL_STUDIO_PRICES: dict[str, tuple[float, float, float | None]] = {
     "qwen2.5-14b-instruct": (0.35, 1.40, None),
     "qwen2.5-32b-instruct": (0.70, 2.80, None),
     "qwen2.5-72b-instruct": (1.40, 5.60, None),
+    "qwen2.5-vl-7b-instruct": (0.35, 1.05, None),
+    "qwen2.5-vl-72b-instruct": (2.80, 8.40, None),
     "qwen3-0.6b": (0.11, 0.42, 1.26),  # not verified against a stored copy of the page
     "qwen3-1.7b": (0.11, 0.42, 1.26),  # not verified against a stored copy of the page
     "qwen3-4b": (0.11, 0.42, 1.26),  # not verified against a stored copy of the page
@@ -127,7 +139,7 @@ def _list_price(listed: str, *, stand_in_for: str | None = None) -> dict[str, fl
     if thinking_output_per_mtok is not None:
         source += " (output billed higher in thinking mode)"
     if stand_in_for is not None:
-        source += f"; `{stand_in_for}` is not listed there, so the nearest listed general Qwen2.5 size stands in"
+        source += f"; `{stand_in_for}` is not listed there, so the nearest listed size of its family stands in"
     return {
         "input_per_mtok": input_per_mtok,
         "output_per_mtok": output_per_mtok,
@@ -137,6 +149,9 @@ def _list_price(listed: str, *, stand_in_for: str | None = None) -> dict[str, fl
 
 
 _QWEN25 = {"architecture": "Qwen2ForCausalLM", "sampling": _QWEN25_SAMPLING}
+# Qwen2.5-VL's generation_config.json was not read; its cards' examples decode with the processor's defaults.
+_QWEN25_VL = {"family": "qwen2.5-vl", "architecture": "Qwen2_5_VLForConditionalGeneration",
+              "sampling": _QWEN25_SAMPLING, "context_length": 32768}
 _QWEN3_COMMON = {
     "license": _APACHE,
     "head_dim": 128,  # explicit in every Qwen3 config.json, independent of hidden_size
@@ -219,6 +234,21 @@ _BASE_VARIANTS: list[ModelVariant] = [
                  params_b=72.7, num_layers=80, hidden_size=8192, num_attention_heads=64, num_kv_heads=8, head_dim=128,
                  context_length=4096, license=_QWEN,
                  **_list_price("qwen2.5-72b-instruct", stand_in_for="qwen2.5-math-72b-instruct")),
+    # Qwen2.5-VL Instruct: 7B and up have untied embeddings over a 152,064-token vocabulary (3B: 151,936, tied).
+    ModelVariant(name="qwen2.5-vl-3b-instruct", hf_id="Qwen/Qwen2.5-VL-3B-Instruct", **_QWEN25_VL,
+                 params_b=3.75, vision_params_b=0.67, num_layers=36, hidden_size=2048, num_attention_heads=16,
+                 num_kv_heads=2, head_dim=128, license=_QWEN_RESEARCH,
+                 **_list_price("qwen2.5-vl-7b-instruct", stand_in_for="qwen2.5-vl-3b-instruct")),
+    ModelVariant(name="qwen2.5-vl-7b-instruct", hf_id="Qwen/Qwen2.5-VL-7B-Instruct", **_QWEN25_VL,
+                 params_b=8.29, vision_params_b=0.68, num_layers=28, hidden_size=3584, num_attention_heads=28,
+                 num_kv_heads=4, head_dim=128, license=_APACHE, **_list_price("qwen2.5-vl-7b-instruct")),
+    ModelVariant(name="qwen2.5-vl-32b-instruct", hf_id="Qwen/Qwen2.5-VL-32B-Instruct", **_QWEN25_VL,
+                 params_b=33.5, vision_params_b=0.68, num_layers=64, hidden_size=5120, num_attention_heads=40,
+                 num_kv_heads=8, head_dim=128, license=_APACHE,
+                 **_list_price("qwen2.5-vl-72b-instruct", stand_in_for="qwen2.5-vl-32b-instruct")),
+    ModelVariant(name="qwen2.5-vl-72b-instruct", hf_id="Qwen/Qwen2.5-VL-72B-Instruct", **_QWEN25_VL,
+                 params_b=73.4, vision_params_b=0.70, num_layers=80, hidden_size=8192, num_attention_heads=64,
+                 num_kv_heads=8, head_dim=128, license=_QWEN, **_list_price("qwen2.5-vl-72b-instruct")),
     # Qwen3 dense
     ModelVariant(name="qwen3-0.6b", hf_id="Qwen/Qwen3-0.6B", **_QWEN3,
                  params_b=0.6, num_layers=28, hidden_size=1024, num_attention_heads=16, num_kv_heads=8,
@@ -258,6 +288,7 @@ _PUBLISHED_QUANTIZATIONS: dict[str, tuple[Quantization, ...]] = {
         f"qwen2.5-coder-{size}-instruct": ("awq", "gptq-int4", "gptq-int8")
         for size in ("1.5b", "7b", "14b", "32b")
     },
+    **{f"qwen2.5-vl-{size}-instruct": ("awq",) for size in ("3b", "7b", "32b", "72b")},
     "qwen3-0.6b": ("fp8", "gptq-int8"),
     "qwen3-1.7b": ("fp8", "gptq-int8"),
     "qwen3-4b": ("fp8", "awq"),
@@ -284,11 +315,14 @@ def _quantized(base: ModelVariant, quantization: Quantization) -> ModelVariant:
     )
 
 
-def _tiny(name: str, architecture: Literal["Qwen2ForCausalLM", "Qwen3ForCausalLM"], priced_as: ModelVariant,
-          thinking_sampling: Sampling | None) -> ModelVariant:
+def _tiny(name: str, architecture: Literal["Qwen2ForCausalLM", "Qwen3ForCausalLM",
+                                          "Qwen2_5_VLForConditionalGeneration"],
+          priced_as: ModelVariant, thinking_sampling: Sampling | None,
+          vision_params_b: float | None = None) -> ModelVariant:
     """A tiny random-weight test model, priced like `priced_as` so cost accounting is exercised."""
     return ModelVariant(
         name=name, hf_id=f"qwen-batch/{name}", family="tiny", architecture=architecture, params_b=0.02,
+        vision_params_b=vision_params_b,
         num_layers=2, hidden_size=128, num_attention_heads=4, num_kv_heads=2, head_dim=32, context_length=2048,
         # float32: vLLM's CPU bf16 matmuls take a fallback path 6x slower at these tiny shapes.
         dtype="float32", license=_APACHE, thinking=thinking_sampling is not None, sampling=_GREEDY,
@@ -320,6 +354,8 @@ CATALOG: dict[str, ModelVariant] = _index(
         ),
         _tiny("tiny-qwen2", "Qwen2ForCausalLM", _BASES["qwen2.5-0.5b-instruct"], thinking_sampling=None),
         _tiny("tiny-qwen3", "Qwen3ForCausalLM", _BASES["qwen3-0.6b"], thinking_sampling=_QWEN3_THINKING_SAMPLING),
+        _tiny("tiny-qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration", _BASES["qwen2.5-vl-3b-instruct"],
+              thinking_sampling=None, vision_params_b=0.00026),  # jobs.tiny_model's vision tower: 257k parameters
     ]
 )
 

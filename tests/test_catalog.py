@@ -11,7 +11,7 @@ VARIANTS = list(CATALOG.values())
 ARCHITECTURE_FACTS = (
     "family", "architecture", "params_b", "active_params_b", "num_layers", "hidden_size", "num_attention_heads",
     "num_kv_heads", "head_dim", "num_experts", "num_experts_per_token", "context_length", "license", "thinking",
-    "sampling", "thinking_sampling",
+    "sampling", "thinking_sampling", "vision_params_b",
 )
 
 
@@ -41,6 +41,8 @@ def test_catalog_covers_the_requested_models():
         *(f"qwen3-{size}" for size in ("0.6b", "1.7b", "4b", "8b", "14b", "32b", "30b-a3b", "235b-a22b")),
         "qwen2.5-7b-instruct-awq", "qwen2.5-7b-instruct-gptq-int4", "qwen2.5-7b-instruct-gptq-int8",
         "qwen3-8b-fp8", "qwen3-8b-awq", "tiny-qwen2", "tiny-qwen3",
+        *(f"qwen2.5-vl-{size}-instruct{awq}" for size in ("3b", "7b", "32b", "72b") for awq in ("", "-awq")),
+        "tiny-qwen2_5_vl",
     }
     assert required <= CATALOG.keys()
 
@@ -132,6 +134,26 @@ def test_qwen3_sampling_follows_the_card():
     assert (
         variant.thinking_sampling.temperature, variant.thinking_sampling.top_p, variant.thinking_sampling.top_k
     ) == (0.6, 0.95, 20)
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=_ids)
+def test_vision_towers_are_exactly_on_the_vl_architecture(variant: ModelVariant):
+    is_vl = variant.architecture == "Qwen2_5_VLForConditionalGeneration"
+    assert (variant.vision_params_b is not None) == is_vl
+    if is_vl:
+        assert 0 < variant.vision_params_b < variant.params_b
+
+
+def test_qwen25_vl_7b_matches_its_config_and_card():
+    variant = CATALOG["qwen2.5-vl-7b-instruct"]
+    assert (variant.hf_id, variant.family, variant.params_b) == ("Qwen/Qwen2.5-VL-7B-Instruct", "qwen2.5-vl", 8.29)
+    assert (variant.num_layers, variant.hidden_size, variant.num_attention_heads, variant.num_kv_heads) == (
+        28, 3584, 28, 4)
+    # ViT: 32 blocks of (qkv 1280x3840 + proj 1280^2 + 3 x 1280x3420 MLP) = 630M, merger 5120^2 + 5120x3584 = 45M.
+    assert variant.vision_params_b == pytest.approx((32 * (1280 * 3840 + 1280**2 + 3 * 1280 * 3420)
+                                                     + 5120**2 + 5120 * 3584) / 1e9, abs=0.01)
+    assert (variant.input_per_mtok, variant.output_per_mtok) == (0.35, 1.05)
+    assert CATALOG["qwen2.5-vl-72b-instruct-awq"].hf_id == "Qwen/Qwen2.5-VL-72B-Instruct-AWQ"
 
 
 def test_qwen25_math_has_a_4k_context():

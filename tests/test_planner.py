@@ -17,6 +17,7 @@ from qwen_batch.cluster.planner import (
     kv_bytes_per_token,
     lognormal_lengths,
     plan_variant,
+    vision_encoder_bytes,
     weight_bytes,
 )
 from qwen_batch.schemas.catalog import CATALOG, get_variant
@@ -55,6 +56,22 @@ def test_weight_bytes_count_quantization_scales_and_16_bit_embeddings():
     assert weight_bytes(awq) == pytest.approx((72.7e9 - 2_489_319_424) * 0.51953125 + 2_489_319_424 * 2)
     # Small dense models tie lm_head to the embedding: one matrix, 151,936 x 896 for Qwen2.5-0.5B.
     assert embedding_params(CATALOG["qwen2.5-0.5b-instruct-awq"]) == 151_936 * 896
+
+
+def test_vision_tower_stays_16_bit_in_awq_and_its_encoder_takes_kv_cache():
+    awq = CATALOG["qwen2.5-vl-7b-instruct-awq"]
+    embeddings = 151_936 * 3_584 * 2  # untied at 7B
+    vision = 0.68e9
+    assert weight_bytes(awq) == pytest.approx((8.29e9 - embeddings - vision) * 0.51953125 + (embeddings + vision) * 2)
+    # Profiled at 12,845,056 pixels = 16,384 image tokens = 65,536 patches, each 2 x 3420 + 4 x 1280 + 1176 values
+    # of 2 B, plus 16,384 tokens x 3,584 wide x 2 B in the encoder cache: 1.7129 GiB.
+    encoder = 65_536 * (2 * 3420 + 4 * 1280 + 1176) * 2 + 16_384 * 3_584 * 2
+    assert vision_encoder_bytes(awq) == encoder
+    assert vision_encoder_bytes(CATALOG["qwen2.5-7b-instruct"]) == 0
+    vl = plan_variant(CATALOG["qwen2.5-vl-7b-instruct"], H100, gpus=1, max_model_len=32_768)
+    assert vl.vision_encoder_gib == pytest.approx(encoder / 2**30)
+    assert vl.kv_cache_per_gpu_gib == pytest.approx(vl.usable_gib_per_gpu - 8.29e9 * 2 / 2**30 - 3 - encoder / 2**30)
+    assert "1.7 GiB vision encoder" in vl.summary()
 
 
 def test_7b_bf16_fits_one_h100_at_tp_1_with_hand_computed_kv_capacity():

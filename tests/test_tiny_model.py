@@ -219,3 +219,81 @@ def test_vllm_generates_greedy_tokens_from_qwen2_checkpoint(qwen2_dir: Path, tmp
     assert result.returncode == 0, result.stderr[-4000:]
     token_ids = json.loads(result.stdout.strip().splitlines()[-1])["token_ids"]
     assert len(token_ids) == 4
+
+
+@pytest.fixture(scope="module")
+def vl_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_model("qwen2_5_vl", tmp_path_factory.mktemp("qwen2_5_vl"))
+
+
+def test_qwen2_5_vl_checkpoint_has_the_real_vision_tokens_template_and_processor(vl_dir: Path) -> None:
+    from PIL import Image
+    from transformers import AutoImageProcessor
+
+    config = AutoConfig.from_pretrained(vl_dir)
+    assert (config.model_type, config.architectures) == ("qwen2_5_vl", ["Qwen2_5_VLForConditionalGeneration"])
+    assert (config.vision_start_token_id, config.image_token_id, config.vision_end_token_id) == (151652, 151655, 151653)
+    assert (config.vision_config.patch_size, config.vision_config.spatial_merge_size) == (14, 2)
+    assert config.vision_config.out_hidden_size == config.text_config.hidden_size == 128
+    tokenizer = AutoTokenizer.from_pretrained(vl_dir)
+    assert tokenizer.encode("<|vision_start|><|image_pad|><|vision_end|>") == [151652, 151655, 151653]
+    chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe."}]}]
+    assert tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+        "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>Describe.<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert json.loads((vl_dir / "chat_template.json").read_text())["chat_template"] == tokenizer.chat_template
+    # 300x200 is resized to multiples of 28 (308x196): 22x14 patches of 14 pixels, merged 2x2 into 77 tokens.
+    processed = AutoImageProcessor.from_pretrained(vl_dir)(images=[Image.new("RGB", (300, 200))], return_tensors="np")
+    assert processed["image_grid_thw"].tolist() == [[1, 14, 22]]
+
+
+def _vllm_qwen2_vl_import_error() -> str | None:
+    """Why vLLM's Qwen2-VL model module does not import here, or None if it does."""
+    try:
+        import vllm.model_executor.models.qwen2_vl  # noqa: F401
+    except ImportError as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+VL_ENGINE_SCRIPT = """
+import json, sys
+from PIL import Image
+from vllm import LLM, SamplingParams
+
+llm = LLM(model=sys.argv[1], enforce_eager=True, distributed_executor_backend="uni", max_model_len=512,
+          limit_mm_per_prompt={"image": 1, "video": 0})
+prompt = [151644, 872, 198, 151652, 151655, 151653, 14990, 151645, 198, 151644, 77091, 198]
+outputs = llm.generate([{"prompt_token_ids": prompt, "multi_modal_data": {"image": Image.new("RGB", (300, 200))}}],
+                       SamplingParams(max_tokens=4, temperature=0.0))
+print(json.dumps({"prompt_token_ids": list(outputs[0].prompt_token_ids),
+                  "token_ids": list(outputs[0].outputs[0].token_ids)}))
+"""
+
+
+@pytest.mark.engine
+def test_vllm_answers_an_image_with_the_qwen2_5_vl_checkpoint(vl_dir: Path, tmp_path: Path) -> None:
+    problem = _vllm_qwen2_vl_import_error()
+    if problem is not None:
+        # vllm-cpu 0.32 with transformers 5: vllm/model_executor/models/qwen2_vl.py imports `smart_resize` from
+        # transformers' torchvision image processor module, and Qwen2_5_VLProcessor needs Qwen2VLVideoProcessor,
+        # which needs torchvision too; no torchvision wheel on PyPI runs beside torch 2.13.0+cpu.
+        pytest.skip(f"vLLM cannot load Qwen2.5-VL in this environment: {problem}")
+    env = {
+        **os.environ,
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+        "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+        "VLLM_CACHE_ROOT": str(tmp_path / "vllm"),
+        "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"),
+        "XDG_CACHE_HOME": str(tmp_path / "xdg"),
+    }
+    result = subprocess.run([sys.executable, "-c", VL_ENGINE_SCRIPT, str(vl_dir)],
+                            env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-4000:]
+    answer = json.loads(result.stdout.strip().splitlines()[-1])
+    # The one <|image_pad|> is widened to the image's 77 tokens, as the processor counts them.
+    assert answer["prompt_token_ids"].count(151655) == 77
+    assert len(answer["prompt_token_ids"]) == 12 - 1 + 77
+    assert len(answer["token_ids"]) == 4
