@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pyarrow as pa
 import pytest
 
@@ -14,8 +16,14 @@ from qwen_batch.pipelines.write import WriteStage
 SOURCE = [*BLOCK_SCHEMA.names, "stars"]
 
 
-def test_the_pipeline_wiring_passes_from_the_block_schema() -> None:
-    check_wiring(SOURCE, [PromptStage, EngineStage, WriteStage])
+def test_the_pipeline_wiring_passes_from_the_block_schema_and_needs_each_column_it_reads() -> None:
+    stages = [PromptStage, EngineStage, WriteStage]
+    check_wiring(SOURCE, stages)
+    read = sorted({name for stage in stages for name in stage.requires} & set(BLOCK_SCHEMA.names))
+    assert read, "no stage reads a column of the block schema"
+    for column in read:  # each column a stage reads from the source is checked for
+        with pytest.raises(KeyError, match=re.escape(f"{column!r}")):
+            check_wiring([name for name in SOURCE if name != column], stages)
 
 
 def test_wiring_without_the_prompt_stage_names_the_engine_stage_and_its_missing_column() -> None:
