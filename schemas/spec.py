@@ -94,10 +94,25 @@ class PromptSpec(_Strict):
         description="Column holding a whole chat as a list of `{role, content}` messages, instead of `template`.",
     )
 
+    images: list[str] = Field(
+        default_factory=list, description="Columns holding each row's images, for a model with a vision tower "
+        "(Qwen2.5-VL): put before the template's text in the user message, in this order. A value is the image's "
+        "bytes (a Parquet binary column) or a string: a local path (a relative one is taken from the input file's "
+        "folder), a file://, s3:// or gs:// URL (read with input.storage_options; gs:// needs gcsfs), an http(s):// "
+        "URL or a `data:image/...;base64,` URL. Limits in `images`."
+    )
+
     @model_validator(mode="after")
     def _one_source(self) -> PromptSpec:
         if (self.template is None) == (self.messages_column is None):
             raise ValueError("give exactly one of `template` (a string with {column} placeholders) or `messages_column`")
+        return self
+
+    @model_validator(mode="after")
+    def _images_with_template(self) -> PromptSpec:
+        if self.images and self.template is None:
+            raise ValueError("prompt.images places images before the template's text; with messages_column, give "
+                             "images as content parts ({type: image_url, image_url: {url: ...}}) in the messages")
         return self
 
     @field_validator("template")
@@ -112,7 +127,7 @@ class PromptSpec(_Strict):
         """Input columns the prompt reads."""
         if self.messages_column is not None:
             return [self.messages_column]
-        return template_columns(self.template or "")
+        return list(dict.fromkeys([*template_columns(self.template or ""), *self.images]))
 
 
 def template_columns(template: str) -> list[str]:
@@ -379,6 +394,19 @@ class PricesSpec(_Strict):
     )
 
 
+class ImagesSpec(_Strict):
+    """Bounds on the images rows carry (prompt.images, OpenAI `image_url` parts): an image past one makes its row an
+    `image_too_large` or `image_fetch_failed` error row."""
+
+    max_bytes: int = Field(20 << 20, ge=1, description="Largest encoded image, in bytes (default 20 MiB).")
+    max_pixels: int = Field(
+        50_000_000, ge=1, description="Largest image, in pixels (width x height; default 50 MP), checked before it "
+        "is decoded. The processor then scales every image to at most 12.8 MP, 16,384 image tokens (one per 28x28 "
+        "pixels)."
+    )
+    fetch_timeout_s: float = Field(30.0, gt=0, description="Seconds an http(s) image may take to arrive.")
+
+
 class LimitsSpec(_Strict):
     """When a job stops itself: a broken job should not spend the rest of its GPU time on error rows."""
 
@@ -417,6 +445,7 @@ class JobSpec(_Strict):
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="How much of the cluster the job uses.")
     engine: EngineSpec = Field(default_factory=EngineSpec, description="vLLM engine settings.")
     prices: PricesSpec = Field(default_factory=PricesSpec, description="Price overrides for the cost columns.")
+    images: ImagesSpec = Field(default_factory=ImagesSpec, description="Limits on the rows' images.")
     limits: LimitsSpec = Field(default_factory=LimitsSpec, description="When the job fails itself.")
     logical_date: datetime | None = Field(
         None, description="The logical date load_spec filled into `{ds}`/`{ts}` placeholders (set by it; a rendered "
@@ -450,6 +479,14 @@ class JobSpec(_Strict):
                              "non-thinking model instead")
         return self
 
+    @model_validator(mode="after")
+    def _images_need_vision(self) -> JobSpec:
+        blind = [m.output_name for m in self.variants if CATALOG[m.catalog_name].vision_params_b is None]
+        if self.prompt.images and blind:
+            raise ValueError(f"prompt.images gives rows images, but {blind} has no vision tower; use a Qwen2.5-VL "
+                             "variant (`qwen-batch models` lists them) or drop prompt.images")
+        return self
+
     @property
     def variants(self) -> list[ModelSpec]:
         """The models of the job, one or several."""
@@ -464,6 +501,8 @@ class JobSpec(_Strict):
                      "output": {"format"}, "model": True, "models": True, "route_column": True,
                      "response_format": True, "sampling": True, "prices": {"input_per_mtok", "output_per_mtok"}},
         )
+        if not self.prompt.images:
+            del decisive["prompt"]["images"]  # text-only specs keep their job ids
         if self.logical_date is not None:
             decisive["logical_date"] = logical_date_values(self.logical_date)["ts"]
         return hashlib.sha256(json.dumps(decisive, sort_keys=True).encode()).hexdigest()[:16]
