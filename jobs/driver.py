@@ -596,6 +596,7 @@ def stage_configs(plan: JobPlan, model: ModelPlan, run_id: str,
         model=model.model, llm_kwargs=llm_kwargs, sampling=sampling_params(spec, variant, thinking), seed=spec.sampling.seed,
         thinking=thinking, thinking_budget=model.spec.thinking_budget,
         structured=None if spec.response_format is None else StructuredOutput.from_spec(spec.response_format),
+        vllm_metrics=spec.engine.vllm_metrics,
     )
     write = WriteConfig(layout=plan.layout, storage_options=spec.output.storage_options, variant=model.name,
                         model=model.model if model.spec.path else variant.hf_id,

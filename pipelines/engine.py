@@ -84,6 +84,32 @@ class EngineConfig:
     thinking_budget: int | None = None
     structured: StructuredOutput | None = None
     ledger: Any = None  # a CrashLedger handle
+    vllm_metrics: bool = False
+
+
+def new_llm_engine(config: EngineConfig) -> Any:
+    """vLLM's engine for `config`, with its own metrics exported through Ray's metrics agent when asked.
+
+    Built from EngineArgs rather than `vllm.LLM`, which takes no stat loggers; the two config sections we pass as
+    dicts are made into vLLM's config objects as `LLM` would.
+    """
+    from vllm import EngineArgs
+    from vllm.config import ReasoningConfig, StructuredOutputsConfig
+    from vllm.usage.usage_lib import UsageContext
+    from vllm.v1.engine.llm_engine import LLMEngine
+
+    kwargs = dict(config.llm_kwargs)
+    for name, section in (("structured_outputs_config", StructuredOutputsConfig), ("reasoning_config", ReasoningConfig)):
+        if isinstance(kwargs.get(name), dict):
+            kwargs[name] = section(**kwargs[name])
+    loggers = None
+    if config.vllm_metrics:
+        from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
+
+        loggers = [RayPrometheusStatLogger]
+    args = EngineArgs(model=config.model, disable_log_stats=not config.vllm_metrics, **kwargs)
+    # LLM_CLASS: the batch defaults `vllm.LLM` gets (e.g. a larger max_num_batched_tokens than a server's).
+    return LLMEngine.from_engine_args(args, usage_context=UsageContext.LLM_CLASS, stat_loggers=loggers)
 
 
 def new_crash_ledger() -> Any:
@@ -172,12 +198,10 @@ class EngineStage(Stage):
     }
 
     def __init__(self, config: EngineConfig):
-        from vllm import LLM
-
         started = time.monotonic()
         self.config = config
-        self.llm = LLM(model=config.model, **config.llm_kwargs)
-        self.tokenizer = self.llm.get_tokenizer()
+        self.engine = new_llm_engine(config)
+        self.tokenizer = self.engine.get_tokenizer()
         self.think_end = self.tokenizer.convert_tokens_to_ids("</think>") if config.thinking else None
         self._incoming: queue.SimpleQueue[tuple[str, Any, Any, _Request]] = queue.SimpleQueue()
         self._request_ids = itertools.count()
@@ -313,7 +337,7 @@ class EngineStage(Stage):
         A row under suspicion (in flight at an earlier engine failure) is admitted only into an empty engine, and
         nothing joins it until it is done, so a failure with it in flight is its own.
         """
-        engine = self.llm.llm_engine
+        engine = self.engine
         running: dict[str, _Request] = {}
         waiting: list[tuple[str, Any, Any, _Request]] = []
         suspects: list[tuple[str, Any, Any, _Request]] = []

@@ -373,10 +373,25 @@ class EngineSpec(_Strict):
         False, description="Mixture-of-experts models (Qwen3-30B-A3B, 235B-A22B): place whole experts on the "
         "replica's GPUs instead of sharding each one (vLLM's expert parallelism); memory stays the same."
     )
+    vllm_metrics: bool = Field(
+        True, description="Export vLLM's own engine metrics (running and waiting requests, KV-cache use, prefix-cache "
+        "hits, time to first token, ...) through each Ray node's metrics agent, as `ray_vllm_*` series in Ray's "
+        "Prometheus endpoint. Off saves the per-step statistics."
+    )
     env: dict[str, str] = Field(default_factory=dict, description="Extra environment variables for engine actors.")
     extra_args: dict[str, Any] = Field(
-        default_factory=dict, description="Further keyword arguments for `vllm.LLM`, passed through as given."
+        default_factory=dict, description="Further vLLM engine arguments (`vllm.EngineArgs` fields), passed through "
+        "as given."
     )
+
+    @field_validator("extra_args")
+    @classmethod
+    def _not_the_model(cls, value: dict[str, Any]) -> dict[str, Any]:
+        owned = sorted({"model", "disable_log_stats"} & value.keys())
+        if owned:
+            raise ValueError(f"found {', '.join(owned)}; the job sets these itself: choose the model with "
+                             "model.variant or model.path, and vLLM's statistics with engine.vllm_metrics")
+        return value
 
 
 class PricesSpec(_Strict):

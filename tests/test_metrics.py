@@ -85,13 +85,14 @@ SAMPLE = re.compile(r'^(?P<name>[a-zA-Z_:][\w:]*)(?:\{(?P<labels>.*)\})? (?P<val
 LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 
 
-def scrape(url: str, by: tuple[str, ...] = ("job", "model", "error_type")) -> dict[tuple[str, ...], float]:
-    """The endpoint's `ray_qwen_batch_*` samples, summed over the labels not in `by` (one series per worker)."""
+def scrape(url: str, by: tuple[str, ...] = ("job", "model", "error_type"),
+           prefixes: tuple[str, ...] = ("ray_qwen_batch_", "ray_vllm_")) -> dict[tuple[str, ...], float]:
+    """The endpoint's samples of these metric families, summed over the labels not in `by` (one series per worker)."""
     text = urllib.request.urlopen(url, timeout=5).read().decode()
     sums: dict[tuple[str, ...], float] = defaultdict(float)
     for line in text.splitlines():
         match = SAMPLE.match(line)
-        if match and match["name"].startswith("ray_qwen_batch_"):
+        if match and match["name"].startswith(prefixes):
             labels = dict(LABEL.findall(match["labels"] or ""))
             sums[(match["name"], *(labels.get(key, "") for key in by))] += float(match["value"])
     return dict(sums)
@@ -141,13 +142,20 @@ def test_a_jobs_counters_reach_the_ray_nodes_metrics_endpoint(tmp_path: Path, ti
         }
         url = f"http://{cluster.head_node.node_ip_address}:{metrics_port}/metrics"
         deadline, seen = time.monotonic() + 90, {}
+        model = str(tiny_models["qwen2"])
+        # vLLM's own engine metrics, through the same agent: every prompt and generated token of the answered rows.
+        engine_expected = {("ray_vllm_prompt_tokens_total", model): totals["prompt_tokens"],
+                           ("ray_vllm_generation_tokens_total", model): totals["completion_tokens"]}
         while time.monotonic() < deadline:  # Ray's agent exports every few seconds
-            seen = scrape(url)
-            if all(seen.get(key) == value for key, value in expected.items()):
+            seen, engine = scrape(url), scrape(url, by=("model_name",))
+            if (all(seen.get(key) == value for key, value in expected.items())
+                    and all(engine.get(key) == value for key, value in engine_expected.items())):
                 break
             time.sleep(2)
         assert {key: seen.get(key) for key in expected} == expected
         assert seen[("ray_qwen_batch_cost_usd_total", job, "tiny-qwen2", "")] == pytest.approx(totals["cost_usd"])
+        assert {key: engine.get(key) for key in engine_expected} == engine_expected
+        assert engine[("ray_vllm_time_to_first_token_seconds_count", model)] == 23  # the rows the engine answered
         assert totals["errors_by_type"] == {"empty_prompt": 1}
     finally:
         cluster.shutdown()
