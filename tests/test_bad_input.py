@@ -15,6 +15,7 @@ import sys
 import time
 import uuid
 from collections import Counter
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -1030,7 +1031,12 @@ def test_a_failed_run_counts_in_the_next_runs_manifest(parquet_input: Path, monk
     fake_cluster(monkeypatch, fail)
     with pytest.raises(RuntimeError):
         run_job(load_spec(spec_of(parquet_input)))
-    time.sleep(1.1)  # runs are ordered by their start, to the second
+    # Runs are ordered by their start, to the second: the next one starts in a later second than the failed one.
+    [failed] = run_records(parquet_input)
+    deadline = time.monotonic() + 5
+    while datetime.now(timezone.utc).replace(microsecond=0) <= datetime.fromisoformat(failed["started_at"]):
+        assert time.monotonic() < deadline, f"the clock did not pass the failed run's start {failed['started_at']}"
+        time.sleep(0.05)
     fake_cluster(monkeypatch, lambda: 0)
 
     manifest = run_job(load_spec(spec_of(parquet_input)))
