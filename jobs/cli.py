@@ -169,6 +169,16 @@ def _parser() -> argparse.ArgumentParser:
     tiny.add_argument("out_dir", nargs="?", help="Folder to write; when not given, the model folder, where variant "
                       "`tiny-<arch>` finds it.")
 
+    tiny_lora = command("make-tiny-lora", _make_tiny_lora,
+                        "Build a tiny random LoRA adapter (peft's format) for a checkpoint, for tests, offline.")
+    tiny_lora.add_argument("base", help="Checkpoint folder the adapter is for (e.g. the one make-tiny-model built), "
+                           "or a catalog variant whose checkpoint is in the model folder (tiny-qwen2).")
+    tiny_lora.add_argument("out_dir", help="Folder to write adapter_config.json and adapter_model.safetensors to.")
+    tiny_lora.add_argument("--rank", type=int, default=8, help="LoRA rank r.")
+    tiny_lora.add_argument("--target-modules", default="q_proj,k_proj,v_proj,o_proj",
+                           help="Comma-separated modules to adapt.")
+    tiny_lora.add_argument("--seed", type=int, default=1, help="Seed of the random weights.")
+
     demo = command("demo", _demo, "Build a tiny model and a sample dataset, run a job on them, show rows.")
     demo.add_argument("--dir", default="demo", help="Folder for the sample data, spec and output.")
     demo.add_argument("--rows", type=int, default=200, help="Sample rows to generate.")
@@ -308,6 +318,20 @@ def _make_tiny_model(args: argparse.Namespace) -> int:
 
     out_dir = Path(args.out_dir) if args.out_dir else model_dir() / get_variant(f"tiny-{args.arch}").hf_id
     print(make_tiny_model(args.arch, out_dir))
+    return 0
+
+
+def _make_tiny_lora(args: argparse.Namespace) -> int:
+    from qwen_batch.jobs.driver import model_dir
+    from qwen_batch.jobs.tiny_lora import make_tiny_lora
+    from qwen_batch.schemas.catalog import CATALOG
+
+    base = model_dir() / CATALOG[args.base].hf_id if args.base in CATALOG else Path(args.base)
+    if not (base / "config.json").is_file():
+        raise SpecError(f"base: found {args.base!r}, which is neither a checkpoint folder (with config.json) nor a "
+                        "catalog variant built in the model folder; run `qwen-batch make-tiny-model` first")
+    print(make_tiny_lora(base, args.out_dir, rank=args.rank, seed=args.seed,
+                         target_modules=tuple(args.target_modules.split(","))))
     return 0
 
 

@@ -24,7 +24,8 @@ from qwen_batch.jobs.progress import Progress
 
 from qwen_batch.pipelines import storage
 from qwen_batch.pipelines.engine import EngineConfig
-from qwen_batch.pipelines.prompts import PromptConfig, Routes
+from qwen_batch.pipelines.adapters import Adapter, inspect_adapter
+from qwen_batch.pipelines.prompts import AdapterChoice, PromptConfig, Routes
 from qwen_batch.pipelines.read import COLUMN_SAMPLE_ROWS, ReadConfig, Shard, input_columns, plan_shards
 from qwen_batch.pipelines.structured import StructuredOutput
 from qwen_batch.pipelines.write import OPENAI_DIR, Layout, WriteConfig, read_commit
@@ -61,11 +62,17 @@ class ModelPlan:
     model: str
     max_model_len: int
     committed: frozenset[str]
+    adapters: tuple[Adapter, ...] = ()  # its LoRA adapters, checked against it
 
     @property
     def name(self) -> str:
         """The model's name in the output."""
         return self.spec.output_name
+
+    @property
+    def names(self) -> frozenset[str]:
+        """Values of a routing or adapter column that mean this model itself."""
+        return frozenset({self.variant.name, self.name, *self.spec.aliases})
 
 
 @dataclass(frozen=True)
@@ -127,7 +134,9 @@ def plan_job(spec: JobSpec, *, overwrite: bool = False) -> JobPlan:
                             f"max_model_len {max_model_len} to leave room for the prompt")
         if model.thinking == "on" and not variant.thinking:
             problems.append(f"{where}.thinking: found 'on'; {variant.name} has no thinking mode")
-        resolved.append((model, variant, loads, max_model_len))
+        adapters, adapter_problems = _check_adapters(where, model, variant, loads)
+        problems += adapter_problems
+        resolved.append((model, variant, loads, max_model_len, adapters))
     files = storage.list_files(spec.input.path, spec.input.storage_options)
     problems += _column_problems(spec, files)
     if problems:
@@ -141,16 +150,36 @@ def plan_job(spec: JobSpec, *, overwrite: bool = False) -> JobPlan:
     _check_rows(spec, files, shards, bad_files)
     planned = {s.shard_id for s in shards}
     models = []
-    for model, variant, loads, max_model_len in resolved:
+    for model, variant, loads, max_model_len, adapters in resolved:
         committed = set() if overwrite else _committed(layout, model.output_name, spec)
         if committed - planned:
             raise SpecError(f"output.path {storage.display_url(layout.output)} holds {len(committed - planned)} "
                             "committed shard(s) that are not in today's plan: the input changed since the job's first "
                             "run. Write to a new output path, or rerun with --overwrite to start over.")
-        models.append(ModelPlan(model, variant, loads, max_model_len, frozenset(committed)))
+        models.append(ModelPlan(model, variant, loads, max_model_len, frozenset(committed), adapters))
     plan = JobPlan(spec, job_id, layout, shards, bad_files, models, inputs, overwrite)
     _check_prompt_room(plan)
     return plan
+
+
+def _check_adapters(where: str, model: ModelSpec, variant: ModelVariant, loads: str) -> tuple[tuple[Adapter, ...],
+                                                                                          list[str]]:
+    """The model's LoRA adapters, each checked against the checkpoint's config.json (the catalog's facts when the
+    checkpoint is not local), and a problem for each that cannot be served."""
+    if not model.adapters:
+        return (), []
+    config_file = Path(loads) / "config.json"
+    shape = json.loads(config_file.read_text()) if config_file.is_file() else {
+        "hidden_size": variant.hidden_size, "num_attention_heads": variant.num_attention_heads,
+        "num_key_value_heads": variant.num_kv_heads, "head_dim": variant.head_dim,
+        "num_hidden_layers": variant.num_layers}
+    adapters, problems = [], []
+    for name, adapter in model.adapters.items():
+        try:
+            adapters.append(inspect_adapter(name, adapter.path, shape, f"{where}.adapters.{name}"))
+        except SpecError as error:
+            problems += error.problems
+    return tuple(adapters), problems
 
 
 def _output_path_problems(spec: JobSpec) -> list[str]:
@@ -580,13 +609,15 @@ def stage_configs(plan: JobPlan, model: ModelPlan, run_id: str,
     spec, variant, thinking = plan.spec, model.variant, model.spec.thinking == "on"
     routes = None
     if spec.route_column is not None:
-        names = {m.variant.name: m.name for m in plan.models} | {m.name: m.name for m in plan.models} | {
-            alias: m.name for m in plan.models for alias in m.spec.aliases}
+        # A row naming one of a model's adapters is that model's row too.
+        names = {value: m.name for m in plan.models for value in (*m.names, *m.spec.adapters)}
         routes = Routes(spec.route_column, model.name, names, owns_unknown=model is plan.models[0])
     prompt = PromptConfig(
         tokenizer=model.model, system=spec.prompt.system, template=spec.prompt.template,
         messages_column=spec.prompt.messages_column, max_model_len=model.max_model_len,
         max_tokens=spec.sampling.max_tokens, routes=routes,
+        adapters=AdapterChoice(spec.prompt.adapter_column, frozenset(model.spec.adapters), model.names)
+        if model.spec.adapters else None,
         chat_template_kwargs={"enable_thinking": thinking} if variant.thinking else {},
         # Open the <think> block in the prompt: the model reasons from its first token, and a random-weight test
         # model (which never writes <think> itself) exercises the same path.
@@ -596,15 +627,19 @@ def stage_configs(plan: JobPlan, model: ModelPlan, run_id: str,
         model=model.model, llm_kwargs=llm_kwargs, sampling=sampling_params(spec, variant, thinking), seed=spec.sampling.seed,
         thinking=thinking, thinking_budget=model.spec.thinking_budget,
         structured=None if spec.response_format is None else StructuredOutput.from_spec(spec.response_format),
-        vllm_metrics=spec.engine.vllm_metrics,
+        vllm_metrics=spec.engine.vllm_metrics, adapters=model.adapters, max_loras=spec.engine.max_loras,
     )
+    input_per_mtok = _or(spec.prices.input_per_mtok, variant.input_per_mtok)
+    output_per_mtok = _or(spec.prices.output_per_mtok, output_price(variant, thinking))
     write = WriteConfig(layout=plan.layout, storage_options=spec.output.storage_options, variant=model.name,
                         model=model.model if model.spec.path else variant.hf_id,
-                        input_per_mtok=_or(spec.prices.input_per_mtok, variant.input_per_mtok),
-                        output_per_mtok=_or(spec.prices.output_per_mtok, output_price(variant, thinking)),
+                        input_per_mtok=input_per_mtok, output_per_mtok=output_per_mtok,
                         carry_columns=tuple(spec.input.carry_columns), run_id=run_id,
                         openai_output=spec.output.format == "openai-batch", job_id=plan.job_id,
-                        logprobs=spec.input.format == "openai-batch")
+                        logprobs=spec.input.format == "openai-batch",
+                        adapter_prices={name: (_or(adapter.input_per_mtok, input_per_mtok),
+                                               _or(adapter.output_per_mtok, output_per_mtok))
+                                        for name, adapter in model.spec.adapters.items()} if model.spec.adapters else None)
     return ReadConfig.of(spec.input, prompt_columns(spec)), prompt, engine, write
 
 

@@ -22,13 +22,14 @@ import queue
 import threading
 import time
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pyarrow as pa
 
 import ray
 
+from qwen_batch.pipelines import adapters as lora
 from qwen_batch.pipelines.stage import Stage, with_errors
 from qwen_batch.pipelines.structured import StructuredOutput
 from qwen_batch.schemas.results import LOGPROBS_FIELD
@@ -84,6 +85,8 @@ class EngineConfig:
     thinking_budget: int | None = None
     structured: StructuredOutput | None = None
     ledger: Any = None  # a CrashLedger handle
+    adapters: tuple[lora.Adapter, ...] = ()  # LoRA adapters the engine serves beside the base model
+    max_loras: int | None = None
     vllm_metrics: bool = False
 
 
@@ -165,6 +168,7 @@ class _Request:
     row: tuple[str, int]
     future: Future
     isolated: bool = False
+    lora_request: Any = None  # vLLM's LoRARequest of the row's adapter, None for the base model
     top_logprobs: int | None = None
     engine_seconds: float = 0.0
     batch_seconds: float = 0.0
@@ -180,6 +184,7 @@ class EngineStage(Stage):
         "prompt_token_ids": "token ids of the chat-templated prompt, null for error rows",
         "_skip": "true for rows another model of the job answers",
         "_request": "the row's own sampling overrides (OpenAI batch requests), else null",
+        "_adapter": "name of the LoRA adapter that answers the row, null for the base model",
         "_error_type": "error class of a row that already failed, else null",
         "_error": "message of a row that already failed, else null",
     }
@@ -200,7 +205,8 @@ class EngineStage(Stage):
     def __init__(self, config: EngineConfig):
         started = time.monotonic()
         self.config = config
-        self.engine = new_llm_engine(config)
+        self.lora_requests = self._lora_requests()
+        self.engine = new_llm_engine(self._with_lora_args(config))
         self.tokenizer = self.engine.get_tokenizer()
         self.think_end = self.tokenizer.convert_tokens_to_ids("</think>") if config.thinking else None
         self._incoming: queue.SimpleQueue[tuple[str, Any, Any, _Request]] = queue.SimpleQueue()
@@ -220,6 +226,7 @@ class EngineStage(Stage):
         skip = block.column("_skip").to_pylist()
         token_lists = block.column("prompt_token_ids").to_pylist()
         requests = block.column("_request").to_pylist()
+        adapter = block.column("_adapter").to_pylist()
         # A row is (shard, source_row) for the crash ledger: the same however Ray groups shards into blocks.
         rows = list(zip(block.column("_shard").to_pylist(), block.column("source_row").to_pylist()))
         crashes = self._crashes({shard for shard, _ in rows})
@@ -235,7 +242,7 @@ class EngineStage(Stage):
                 continue
             futures[index] = self._submit(rows[index], TokensPrompt(prompt_token_ids=token_lists[index]),
                                           lambda i=index: self.sampling_params(ids[i], requests[i]),
-                                          isolated=failures > 0)
+                                          isolated=failures > 0, lora_request=self.lora_requests.get(adapter[index]))
 
         count = block.num_rows
         text: list[str | None] = [None] * count
@@ -284,6 +291,21 @@ class EngineStage(Stage):
             .append_column("_batch_seconds", pa.array(batch_seconds, pa.float64()))
         )
 
+    def _lora_requests(self) -> dict[str, Any]:
+        """vLLM's LoRARequest for each adapter, by name, from this node's copy of it (fetched now if needed)."""
+        from vllm.lora.request import LoRARequest
+
+        return {adapter.name: LoRARequest(adapter.name, number, lora.local_path(adapter))
+                for number, adapter in enumerate(self.config.adapters, start=1)}
+
+    @staticmethod
+    def _with_lora_args(config: EngineConfig) -> EngineConfig:
+        """`config` with the engine arguments that serve its adapters, for the platform the engine runs on."""
+        from vllm.platforms import current_platform
+
+        args = lora.engine_args(list(config.adapters), config.max_loras, on_cpu=current_platform.is_cpu())
+        return replace(config, llm_kwargs={**config.llm_kwargs, **args}) if args else config
+
     def structured_output(self, request: dict[str, Any] | None) -> StructuredOutput | None:
         """The row's response format: its request's own, else the job's."""
         if request is not None and request.get("response_format") is not None:
@@ -319,9 +341,10 @@ class EngineStage(Stage):
         found = ray.get(self.config.ledger.of_shards.remote(sorted(shards)), timeout=LEDGER_TIMEOUT_S)
         return {(shard, row): count for shard, row, count in found}
 
-    def _submit(self, row: tuple[str, int], prompt: Any, make_params: Any, isolated: bool) -> Future:
+    def _submit(self, row: tuple[str, int], prompt: Any, make_params: Any, isolated: bool,
+                lora_request: Any = None) -> Future:
         """Queue one row for the feeder; the future resolves to a Generation, or the exception that rejected it."""
-        request = _Request(row, Future(), isolated)
+        request = _Request(row, Future(), isolated, lora_request=lora_request)
         try:
             params = make_params()
         except Exception as exc:  # noqa: BLE001 - bad per-row sampling fields fail that row only
@@ -359,7 +382,7 @@ class EngineStage(Stage):
                 admitted, waiting = waiting, []
             for request_id, prompt, params, request in admitted:
                 try:
-                    engine.add_request(request_id, prompt, params)
+                    engine.add_request(request_id, prompt, params, lora_request=request.lora_request)
                     running[request_id] = request
                 except Exception as exc:  # noqa: BLE001 - the engine rejected this row alone
                     self._exit_if_dead(exc, running)

@@ -149,7 +149,8 @@ def response_line(row: dict[str, Any], job_id: str, created: int) -> dict[str, A
     if row.get("reasoning_text") is not None:
         message["reasoning_content"] = row["reasoning_text"]
     body = {
-        "id": f"chatcmpl-{digest[24:48]}", "object": "chat.completion", "created": created, "model": row["variant"],
+        "id": f"chatcmpl-{digest[24:48]}", "object": "chat.completion", "created": created,
+        "model": row.get("adapter") or row["variant"],  # the model that answered, as the request named it
         "choices": [{"index": 0, "message": message, "logprobs": _choice_logprobs(row.get("logprobs")),
                      "finish_reason": row["finish_reason"]}],
         "usage": usage, "system_fingerprint": None,

@@ -40,6 +40,26 @@ class Routes:
 
 
 @dataclass(frozen=True)
+class AdapterChoice:
+    """Which LoRA adapter answers each row of a model: the one a column names, else the base model."""
+
+    column: str
+    adapters: frozenset[str]
+    base_names: frozenset[str]  # values that mean the model itself: its catalog name, name and aliases
+
+    def decide(self, value: Any) -> str | None:
+        """The adapter the row's value names, None for the base model; RowError if it names neither."""
+        if value is None or value == "" or value in self.base_names:
+            return None
+        if isinstance(value, str) and value in self.adapters:
+            return value
+        raise RowError("unknown_adapter", f"column {self.column!r} is {value!r}, which names none of the model's "
+                       f"adapters {sorted(self.adapters)} nor the model itself {sorted(self.base_names)}; fix the "
+                       "value, add the adapter to model.adapters, or add the name to model.aliases to answer with "
+                       "the base model")
+
+
+@dataclass(frozen=True)
 class PromptConfig:
     """How rows become token ids for one model."""
 
@@ -50,6 +70,7 @@ class PromptConfig:
     max_model_len: int
     max_tokens: int
     routes: Routes | None = None
+    adapters: AdapterChoice | None = None
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
     generation_suffix: str = ""
 
@@ -66,6 +87,7 @@ class PromptStage(Stage):
     produces = {
         "prompt_token_ids": "token ids of the chat-templated prompt, null for error rows",
         "_skip": "true for rows another model of the job answers",
+        "_adapter": "name of the LoRA adapter that answers the row, null for the base model",
     }
 
     def __init__(self, config: PromptConfig):
@@ -82,7 +104,8 @@ class PromptStage(Stage):
         errors = block.column("_error").to_pylist()
         encoded: dict[int, list[int]] = {}
         skip = [False] * block.num_rows
-        routes = self.config.routes
+        adapter: list[str | None] = [None] * block.num_rows
+        routes, adapters = self.config.routes, self.config.adapters
         for index, raw in enumerate(block.column("_prompt").to_pylist()):
             if error_types[index] is not None:
                 # A row that failed before routing belongs to one model's output, like a row naming no model.
@@ -97,6 +120,8 @@ class PromptStage(Stage):
                         continue
                     if error is not None:
                         raise error
+                if adapters is not None:
+                    adapter[index] = adapters.decide(values.get(adapters.column))
                 encoded[index] = self.encoder.encode(self.messages(values))
             except RowError as exc:
                 error_types[index], errors[index] = exc.error_type, str(exc)
@@ -119,6 +144,7 @@ class PromptStage(Stage):
             with_errors(block, error_types, errors)
             .append_column("prompt_token_ids", pa.array(token_ids, pa.list_(pa.int32())))
             .append_column("_skip", pa.array(skip, pa.bool_()))
+            .append_column("_adapter", pa.array(adapter, pa.string()))
         )
 
     def messages(self, values: dict[str, Any]) -> list[dict[str, str]]:

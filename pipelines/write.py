@@ -16,7 +16,7 @@ from qwen_batch.pipelines import storage
 from qwen_batch.pipelines.metrics import record_commit
 from qwen_batch.pipelines.openai_batch import response_line
 from qwen_batch.pipelines.stage import Stage
-from qwen_batch.schemas.results import LOGPROBS_FIELD, RESULT_SCHEMA, CommitRecord, Totals
+from qwen_batch.schemas.results import ADAPTER_FIELD, LOGPROBS_FIELD, RESULT_SCHEMA, CommitRecord, Totals
 
 COMMITS_DIR = "_commits"
 ANSWERED_ERROR = "invalid_structured_output"
@@ -66,6 +66,9 @@ class WriteConfig:
     openai_output: bool = False
     job_id: str = ""
     logprobs: bool = False  # the output has the `logprobs` column (OpenAI batch input, whose requests may ask)
+    adapter_prices: dict[str, tuple[float, float]] | None = None
+    """(input, output) USD per 1M tokens of each LoRA adapter's rows; set when the model has adapters, which puts the
+    `adapter` column in the output."""
 
 
 class WriteStage(Stage):
@@ -84,6 +87,7 @@ class WriteStage(Stage):
         "completion_token_ids": "token ids the engine generated",
         "finish_reason": "`stop`, `length`, or `error`",
         "logprobs": "generated tokens with their logprobs, for rows whose request asked",
+        "_adapter": "LoRA adapter that answered the row, null for the base model",
         "_skip": "true for rows another model of the job answers",
         "prompt_tokens": "prompt tokens the engine counted",
         "cached_tokens": "prompt tokens from the prefix cache",
@@ -171,8 +175,14 @@ def results_table(block: pa.Table, config: WriteConfig) -> pa.Table:
     prompt_tokens = pc.if_else(failed, 0, block.column("prompt_tokens"))
     completion_tokens = pc.if_else(failed, 0, pc.list_value_length(block.column("completion_token_ids")))
     completion_tokens = pc.cast(completion_tokens, pa.int64())
-    input_cost = _cost(prompt_tokens, config.input_per_mtok)
-    output_cost = _cost(completion_tokens, config.output_per_mtok)
+    input_price, output_price = config.input_per_mtok, config.output_per_mtok
+    if config.adapter_prices is not None:
+        prices = [config.adapter_prices.get(name, (input_price, output_price))
+                  for name in block.column("_adapter").to_pylist()]
+        input_price = pa.array([price for price, _ in prices], pa.float64())
+        output_price = pa.array([price for _, price in prices], pa.float64())
+    input_cost = _cost(prompt_tokens, input_price)
+    output_cost = _cost(completion_tokens, output_price)
     text = pc.if_else(failed, pa.scalar(None, pa.string()), block.column("generated_text"))
     columns = {
         "id": block.column("id"),
@@ -199,12 +209,15 @@ def results_table(block: pa.Table, config: WriteConfig) -> pa.Table:
     if config.logprobs:
         table = table.append_column(LOGPROBS_FIELD, pc.if_else(failed, pa.scalar(None, LOGPROBS_FIELD.type),
                                                                block.column(LOGPROBS_FIELD.name)))
+    if config.adapter_prices is not None:
+        table = table.append_column(ADAPTER_FIELD, pc.if_else(failed, pa.scalar(None, pa.string()),
+                                                              block.column("_adapter")))
     for name in config.carry_columns:
         table = table.append_column(name, block.column(name))
     return table
 
 
-def _cost(tokens: pa.ChunkedArray, per_mtok: float) -> pa.ChunkedArray:
+def _cost(tokens: pa.ChunkedArray, per_mtok: float | pa.Array) -> pa.ChunkedArray:
     """USD per row as tokens x price / 1e6, in that order, so it is the float a reader computes from the row."""
     return pc.divide(pc.multiply(pc.cast(tokens, pa.float64()), per_mtok), 1e6)
 

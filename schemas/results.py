@@ -37,7 +37,10 @@ LOGPROBS_FIELD = pa.field("logprobs", pa.list_(pa.struct(
     [*_TOKEN_LOGPROB, pa.field("top_logprobs", pa.list_(pa.struct(_TOKEN_LOGPROB)))])))
 """Each generated token with its log probability and the most likely alternatives, for rows whose request asked
 (OpenAI's `logprobs`/`top_logprobs`), else null: a column of OpenAI batch jobs, after the ones above."""
-RESULT_COLUMNS = frozenset([*RESULT_SCHEMA.names, LOGPROBS_FIELD.name])
+ADAPTER_FIELD = pa.field("adapter", pa.string())
+"""The LoRA adapter that answered the row (null: the base model, or no answer): a column of jobs whose model has
+adapters, after the ones above."""
+RESULT_COLUMNS = frozenset([*RESULT_SCHEMA.names, LOGPROBS_FIELD.name, ADAPTER_FIELD.name])
 
 
 class Totals(BaseModel):

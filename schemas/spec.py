@@ -93,6 +93,11 @@ class PromptSpec(_Strict):
         None,
         description="Column holding a whole chat as a list of `{role, content}` messages, instead of `template`.",
     )
+    adapter_column: str | None = Field(
+        None, description="Column naming the LoRA adapter (a key of model.adapters) that answers each row; a null or "
+        "empty value, or the model's own name, means the base model. For openai-batch input it defaults to `model` "
+        "(the request's body.model) when the model has adapters."
+    )
 
     images: list[str] = Field(
         default_factory=list, description="Columns holding each row's images, for a model with a vision tower "
@@ -125,9 +130,10 @@ class PromptSpec(_Strict):
     @property
     def columns(self) -> list[str]:
         """Input columns the prompt reads."""
+        adapter = [self.adapter_column] if self.adapter_column is not None else []
         if self.messages_column is not None:
-            return [self.messages_column]
-        return list(dict.fromkeys([*template_columns(self.template or ""), *self.images]))
+            return [self.messages_column, *adapter]
+        return [*dict.fromkeys([*template_columns(self.template or ""), *self.images]), *adapter]
 
 
 def template_columns(template: str) -> list[str]:
@@ -151,6 +157,29 @@ def template_columns(template: str) -> list[str]:
         if field not in names:
             names.append(field)
     return names
+
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+
+
+class AdapterSpec(_Strict):
+    """A LoRA fine-tune of the model, as peft saves it."""
+
+    path: str = Field(
+        pattern=r"\S", description="Folder holding adapter_config.json and adapter_model.safetensors; s3://, gs://, "
+        "file:// or a local path (copied once to each node that serves it)."
+    )
+    input_per_mtok: float | None = Field(
+        None, ge=0, description="USD per 1M input tokens of rows this adapter answers; defaults to the model's."
+    )
+    output_per_mtok: float | None = Field(
+        None, ge=0, description="USD per 1M output tokens of rows this adapter answers; defaults to the model's."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _path_alone(cls, value: Any) -> Any:
+        return {"path": value} if isinstance(value, str) else value
 
 
 class ModelSpec(_Strict):
@@ -188,6 +217,11 @@ class ModelSpec(_Strict):
         None, ge=1, description="Most reasoning tokens per row with thinking on; the engine then closes the "
         "`<think>` block and the answer gets the rest of `max_tokens`."
     )
+    adapters: dict[Annotated[str, Field(pattern=NAME_PATTERN)], AdapterSpec] = Field(
+        default_factory=dict, description="LoRA adapters of this model by name, e.g. `{support-v3: "
+        "s3://models/lora/support-v3/}` (or `{name: {path, input_per_mtok, output_per_mtok}}`): one engine serves "
+        "them all side by side, and prompt.adapter_column picks each row's; the output's `adapter` column names it."
+    )
 
     @field_validator("variant", "like")
     @classmethod
@@ -207,6 +241,10 @@ class ModelSpec(_Strict):
             raise ValueError("`path` needs `like: <catalog variant>` so prices and defaults are known")
         if self.thinking_budget is not None and self.thinking == "off":
             raise ValueError("thinking_budget needs thinking: on")
+        taken = sorted(set(self.adapters) & {self.catalog_name, self.output_name, *self.aliases})
+        if taken:
+            raise ValueError(f"adapters {taken} have the name of the model itself (its variant, name or an alias), "
+                             "which picks the base model; rename the adapter")
         return self
 
     @property
@@ -369,6 +407,10 @@ class EngineSpec(_Strict):
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="Share of each GPU's memory vLLM may take.")
     cpu_kv_cache_gib: float = Field(1.0, gt=0, description="KV cache size for CPU engines, in GiB.")
     max_num_seqs: int | None = Field(None, ge=1, description="Most sequences the engine decodes at once.")
+    max_loras: int | None = Field(
+        None, ge=1, description="LoRA adapters one engine holds on its GPUs at once (vLLM's max_loras); defaults to "
+        "all of the model's adapters. Fewer saves memory; the others wait in CPU memory and swap in."
+    )
     enable_expert_parallel: bool = Field(
         False, description="Mixture-of-experts models (Qwen3-30B-A3B, 235B-A22B): place whole experts on the "
         "replica's GPUs instead of sharding each one (vLLM's expert parallelism); memory stays the same."
@@ -500,6 +542,19 @@ class JobSpec(_Strict):
         if self.prompt.images and blind:
             raise ValueError(f"prompt.images gives rows images, but {blind} has no vision tower; use a Qwen2.5-VL "
                              "variant (`qwen-batch models` lists them) or drop prompt.images")
+        return self
+
+    @model_validator(mode="after")
+    def _adapter_column(self) -> JobSpec:
+        adapters = any(m.adapters for m in self.variants)
+        if self.prompt.adapter_column is not None and not adapters:
+            raise ValueError("prompt.adapter_column names each row's LoRA adapter, but no model has `adapters`; add "
+                             "them to the model or drop adapter_column")
+        if adapters and self.prompt.adapter_column is None:
+            if self.input.format != "openai-batch":
+                raise ValueError("the model has `adapters`; set prompt.adapter_column to the column naming each row's "
+                                 "adapter (null or empty for the base model)")
+            self.prompt.adapter_column = "model"  # the request's body.model names the adapter, as OpenAI's does
         return self
 
     @property

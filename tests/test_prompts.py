@@ -161,9 +161,9 @@ def test_output_block_keeps_every_column_and_adds_int32_token_ids(template_stage
 
     out = template_stage(block)
 
-    assert out.column_names == [*block.column_names, "prompt_token_ids", "_skip"]
+    assert out.column_names == [*block.column_names, "prompt_token_ids", "_skip", "_adapter"]
     assert out.schema.field("prompt_token_ids").type == pa.list_(pa.int32())
-    assert out.drop_columns(["prompt_token_ids", "_skip"]).equals(block)
+    assert out.drop_columns(["prompt_token_ids", "_skip", "_adapter"]).equals(block)
     assert out.column("_skip").to_pylist() == [False]
 
 

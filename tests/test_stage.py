@@ -31,7 +31,7 @@ def test_wiring_without_the_prompt_stage_names_the_engine_stage_and_its_missing_
         check_wiring(SOURCE, [EngineStage, WriteStage])
 
     message = caught.value.args[0]
-    assert message.startswith("Required input columns ['_skip', 'prompt_token_ids'] not found at the input of "
+    assert message.startswith("Required input columns ['_adapter', '_skip', 'prompt_token_ids'] not found at the input of "
                               "EngineStage")
     assert f"prompt_token_ids: {EngineStage.requires['prompt_token_ids']}" in message
     assert f"Input columns: {sorted(SOURCE)}" in message

@@ -54,6 +54,7 @@ def engine_block(rows: list[dict[str, Any]] = ROWS, shard: str = SHARD, first_ro
     table = pa.table(columns, schema=BLOCK_SCHEMA)
     table = table.append_column("stars", pa.array([row["stars"] for row in rows], pa.int64()))
     table = table.append_column("note", pa.array([row["note"] for row in rows], pa.string()))
+    table = table.append_column("_adapter", pa.array([None] * count, pa.string()))
     engine_columns = {
         "prompt_token_ids": pa.array([[1] * row["prompt_tokens"] for row in rows], pa.list_(pa.int32())),
         "_skip": pa.array([False] * count, pa.bool_()),
