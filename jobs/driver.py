@@ -5,6 +5,7 @@ The driver holds O(shards) state: the plan and the set of committed shard ids. R
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import os
@@ -20,13 +21,16 @@ from datetime import datetime, timedelta, timezone
 from importlib import metadata
 from pathlib import Path
 
+import pyarrow as pa
+
 from qwen_batch.jobs.progress import Progress
 
 from qwen_batch.pipelines import storage
 from qwen_batch.pipelines.engine import EngineConfig
 from qwen_batch.pipelines.adapters import Adapter, inspect_adapter
 from qwen_batch.pipelines.prompts import AdapterChoice, PromptConfig, Routes
-from qwen_batch.pipelines.read import COLUMN_SAMPLE_ROWS, ReadConfig, Shard, input_columns, plan_shards
+from qwen_batch.pipelines.read import (COLUMN_SAMPLE_ROWS, ReadConfig, Shard, carried_schema, find_repeated_ids,
+                                       input_schema, plan_shards)
 from qwen_batch.pipelines.structured import StructuredOutput
 from qwen_batch.pipelines.write import OPENAI_DIR, Layout, WriteConfig, read_commit
 from qwen_batch.schemas.catalog import ModelVariant, get_variant
@@ -85,6 +89,9 @@ class JobPlan:
     shards: list[Shard]
     bad_files: list[str]
     models: list[ModelPlan]
+    carried: pa.Schema = field(default_factory=pa.schema)
+    """The carried columns and their types in every output file, fixed by the job's first plan (kept in the job
+    record, so a resume writes the same types)."""
     inputs: dict[str, str] = field(default_factory=dict)
     """Every input file planned, by path relative to input.path: its size and fingerprint, as the job record keeps
     them to refuse a resume over changed input."""
@@ -138,14 +145,19 @@ def plan_job(spec: JobSpec, *, overwrite: bool = False) -> JobPlan:
         problems += adapter_problems
         resolved.append((model, variant, loads, max_model_len, adapters))
     files = storage.list_files(spec.input.path, spec.input.storage_options)
-    problems += _column_problems(spec, files)
+    schemas = [input_schema(spec.input, info) for info in files]
+    problems += _column_problems(spec, files, schemas)
+    try:
+        carried = carried_schema(spec.input, schemas)
+    except SpecError as error:
+        problems += error.problems
     if problems:
         raise SpecError(problems)
     layout = Layout.at(spec.output.path)
     job_id = f"{spec.name}-{spec.output_hash()}"
     inputs = {info.relpath: f"{info.size}:{info.fingerprint}" for info in files}
-    if not overwrite:
-        _check_output(spec, layout, job_id, inputs)
+    if not overwrite and (record := _check_output(spec, layout, job_id, inputs)) and "carried_schema" in record:
+        carried = _schema_of(record["carried_schema"])
     shards, bad_files = plan_shards(spec.input, files)
     _check_rows(spec, files, shards, bad_files)
     planned = {s.shard_id for s in shards}
@@ -157,7 +169,7 @@ def plan_job(spec: JobSpec, *, overwrite: bool = False) -> JobPlan:
                             "committed shard(s) that are not in today's plan: the input changed since the job's first "
                             "run. Write to a new output path, or rerun with --overwrite to start over.")
         models.append(ModelPlan(model, variant, loads, max_model_len, frozenset(committed), adapters))
-    plan = JobPlan(spec, job_id, layout, shards, bad_files, models, inputs, overwrite)
+    plan = JobPlan(spec, job_id, layout, shards, bad_files, models, carried, inputs, overwrite)
     _check_prompt_room(plan)
     return plan
 
@@ -200,12 +212,12 @@ def _output_path_problems(spec: JobSpec) -> list[str]:
     return []
 
 
-def _column_problems(spec: JobSpec, files: list[storage.FileInfo]) -> list[str]:
+def _column_problems(spec: JobSpec, files: list[storage.FileInfo], schemas: list[pa.Schema | None]) -> list[str]:
     """Columns the spec uses that an input file lacks: Parquet footers, CSV headers, the first lines of JSONL."""
     needed = [c for c in (spec.input.id_column, *prompt_columns(spec), *spec.input.carry_columns) if c]
     problems = []
-    for info in files:
-        columns = input_columns(spec.input, info)
+    for info, schema in zip(files, schemas):
+        columns = None if schema is None else schema.names
         missing = [c for c in needed if columns is not None and c not in columns]
         if missing:
             has = (f"the JSON objects of its first {COLUMN_SAMPLE_ROWS} lines have {columns}"
@@ -275,9 +287,9 @@ def _output_files(layout: Layout, options: dict) -> list[str]:
     return [url for url in storage.list_names(layout.output, options) if not url.startswith(layout.url(LEASE_DIR) + "/")]
 
 
-def _check_output(spec: JobSpec, layout: Layout, job_id: str, inputs: dict[str, str]) -> None:
+def _check_output(spec: JobSpec, layout: Layout, job_id: str, inputs: dict[str, str]) -> dict | None:
     """Refuse an output folder holding another job's data, foreign files or output of other input (which only
-    --overwrite replaces)."""
+    --overwrite replaces); the folder's job record, if it has one."""
     existing = _output_files(layout, spec.output.storage_options)
     shown = storage.display_url(layout.output)
     job_url = layout.url(JOB_FILE)
@@ -289,9 +301,11 @@ def _check_output(spec: JobSpec, layout: Layout, job_id: str, inputs: dict[str, 
                             "with --overwrite to replace its output.")
         if "inputs" in record:
             _check_same_inputs(spec, shown, record["inputs"], inputs)
-    elif existing:
+        return record
+    if existing:
         raise SpecError(f"output.path {shown} already holds {len(existing)} file(s) that no qwen-batch job wrote; "
                         "pick an empty folder, or rerun with --overwrite to delete them")
+    return None
 
 
 def _check_same_inputs(spec: JobSpec, shown: str, recorded: dict[str, str], inputs: dict[str, str]) -> None:
@@ -320,8 +334,18 @@ def claim_output(plan: JobPlan) -> None:
     elif existing := _output_files(plan.layout, options):
         log.warning("--overwrite: deleting %d file(s) under %s", len(existing), storage.display_url(plan.layout.output))
         storage.delete_files(plan.layout.output, existing, options)
-    record = {"job_id": plan.job_id, "name": plan.spec.name, "inputs": plan.inputs}
+    record = {"job_id": plan.job_id, "name": plan.spec.name, "inputs": plan.inputs,
+              "carried_schema": _schema_text(plan.carried)}
     storage.write_bytes(plan.layout.url(JOB_FILE), json.dumps(record).encode(), options)
+
+
+def _schema_text(schema: pa.Schema) -> str:
+    """An Arrow schema as the job record keeps it: its IPC bytes in base64, exact for every type."""
+    return base64.b64encode(schema.serialize().to_pybytes()).decode()
+
+
+def _schema_of(text: str) -> pa.Schema:
+    return pa.ipc.read_schema(pa.py_buffer(base64.b64decode(text)))
 
 
 def _committed(layout: Layout, variant: str, spec: JobSpec) -> set[str]:
@@ -346,8 +370,8 @@ def run_job(spec: JobSpec, *, address: str | None = None, overwrite: bool = Fals
         try:
             _run(plan, run, address, verbose)
         except ErrorRateExceeded:
-            pass  # the run record holds the reason; the manifest says the job failed
-        return write_manifest(plan)
+            return write_manifest(plan)  # the run record holds the reason; the manifest says the job failed
+        return write_manifest(plan, finished=True)
 
 
 def _run(plan: JobPlan, run: RunAccount, address: str | None, verbose: bool) -> None:
@@ -371,6 +395,8 @@ def _run(plan: JobPlan, run: RunAccount, address: str | None, verbose: bool) -> 
         if any(todo for _, todo in work):
             with ray_output(job_log_file(plan.job_id, run_id), verbose=verbose), ray_cluster(address):
                 check_node_paths(spec, [model.model for model in plan.models])
+                if spec.input.checks_unique_ids:
+                    work = _with_repeated_ids(plan, work)
                 for model, todo in work:
                     if not todo:
                         continue
@@ -383,6 +409,19 @@ def _run(plan: JobPlan, run: RunAccount, address: str | None, verbose: bool) -> 
                     with run.holding(replicas.accelerators):
                         run.shards_committed += _follow(dataset, model.name, todo, model_started, errors)
                     run.engine_restarts += ray.get(ledger.engine_restarts.remote())
+
+
+def _with_repeated_ids(plan: JobPlan, work: list[tuple[ModelPlan, list[Shard]]]) -> list[tuple[ModelPlan, list[Shard]]]:
+    """The work with each shard knowing which of its rows repeat an id used earlier in the input (read's
+    find_repeated_ids, over every shard: an id's first use may lie in a committed one)."""
+    started = time.monotonic()
+    shards = {s.shard_id: s for s in find_repeated_ids(plan.shards, ReadConfig.of(plan.spec.input,
+                                                                                  prompt_columns(plan.spec),
+                                                                                  plan.carried))}
+    repeats = sum(len(s.repeats) for s in shards.values())
+    log.info("id check: %d row(s) repeat an earlier row's id and become duplicate_id rows (%.1f s over %d rows)",
+             repeats, time.monotonic() - started, plan.rows)
+    return [(model, [shards[s.shard_id] for s in todo]) for model, todo in work]
 
 
 class ErrorRateExceeded(Exception):
@@ -634,13 +673,13 @@ def stage_configs(plan: JobPlan, model: ModelPlan, run_id: str,
     write = WriteConfig(layout=plan.layout, storage_options=spec.output.storage_options, variant=model.name,
                         model=model.model if model.spec.path else variant.hf_id,
                         input_per_mtok=input_per_mtok, output_per_mtok=output_per_mtok,
-                        carry_columns=tuple(spec.input.carry_columns), run_id=run_id,
+                        carried=plan.carried, run_id=run_id,
                         openai_output=spec.output.format == "openai-batch", job_id=plan.job_id,
                         logprobs=spec.input.format == "openai-batch",
                         adapter_prices={name: (_or(adapter.input_per_mtok, input_per_mtok),
                                                _or(adapter.output_per_mtok, output_per_mtok))
                                         for name, adapter in model.spec.adapters.items()} if model.spec.adapters else None)
-    return ReadConfig.of(spec.input, prompt_columns(spec)), prompt, engine, write
+    return ReadConfig.of(spec.input, prompt_columns(spec), plan.carried), prompt, engine, write
 
 
 def output_price(variant: ModelVariant, thinking: bool) -> float:
@@ -668,10 +707,16 @@ def _or(given: float | None, default: float) -> float:
     return default if given is None else given
 
 
-def write_manifest(plan: JobPlan) -> JobManifest:
-    """Build the manifest from the commit records and run records, and write it last."""
+def write_manifest(plan: JobPlan, finished: bool = False) -> JobManifest:
+    """Build the manifest from the commit records and run records, and write it last. A `finished` run's pipelines
+    ran to their end, so no write is in flight: first the data files no commit record names are deleted (attempts
+    that lost a race or died before committing, from this run or earlier ones), and the folder holds only committed
+    data."""
     spec, layout, options = plan.spec, plan.layout, plan.spec.output.storage_options
     records = [read_commit(data) for data in _read_all(storage.list_names(layout.commits_prefix(), options), options)]
+    if finished and (garbage := layout.uncommitted([m.name for m in plan.models], records, options)):
+        log.info("deleting %d uncommitted data file(s) under %s", len(garbage), storage.display_url(layout.output))
+        storage.delete_files(layout.output, garbage, options)
     runs = sorted((RunRecord.model_validate_json(data) for data in
                    _read_all(storage.list_names(layout.url(RUNS_DIR), options), options)), key=lambda r: r.started_at)
     per_variant: dict[str, Totals] = {}
@@ -685,7 +730,8 @@ def write_manifest(plan: JobPlan) -> JobManifest:
         spec=storage.redact(spec.model_dump(mode="json")), output_path=storage.display_url(layout.output),
         started_at=runs[0].started_at if runs else _now(), finished_at=runs[-1].finished_at if runs else _now(),
         complete=_is_complete(plan, records), shards=len(records), rows_in=totals.rows, rows_ok=totals.rows_ok,
-        rows_failed=totals.rows_failed, totals=totals, per_variant=per_variant, bad_files=plan.bad_files, runs=runs,
+        rows_failed=totals.rows_failed, totals=totals, per_variant=per_variant, bad_files=plan.bad_files,
+        carried_schema={f.name: str(f.type) for f in plan.carried}, runs=runs,
         wall_seconds=sum(r.wall_seconds for r in runs), engine_seconds=totals.engine_seconds,
         output_tokens_per_s=totals.completion_tokens / totals.engine_seconds if totals.engine_seconds else 0.0,
         mean_running_batch=totals.batch_seconds / totals.engine_seconds if totals.engine_seconds else 0.0,
@@ -700,7 +746,7 @@ def write_manifest(plan: JobPlan) -> JobManifest:
     if spec.output.format == "openai-batch":
         ordered = sorted((r for r in records if r.data_file), key=lambda r: (r.variant, r.source_file, r.row_start))
         storage.concatenate(layout.url(OPENAI_OUTPUT_FILE),
-                            [layout.openai_file(r.variant, r.shard_id) for r in ordered], options)
+                            [layout.openai_file(r.data_file) for r in ordered], options)
     storage.write_bytes(layout.url(MANIFEST_FILE), manifest.model_dump_json(indent=2).encode(), options)
     return manifest
 

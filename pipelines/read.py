@@ -16,11 +16,12 @@ import json
 import logging
 import re
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
@@ -28,7 +29,7 @@ from ray.data.datasource import Datasource, ReadTask
 from qwen_batch.pipelines import storage
 from qwen_batch.pipelines.openai_batch import parse_request
 from qwen_batch.schemas.errors import RowError, SpecError
-from qwen_batch.schemas.spec import InputSpec
+from qwen_batch.schemas.spec import InputSpec, arrow_type
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,8 @@ MAX_SHARD_BYTES = 512 << 20
 # chunk by chunk and never held whole. Python's csv module refuses fields over 128 KiB unless told otherwise.
 MAX_ROW_BYTES = 16 << 20
 csv.field_size_limit(max(csv.field_size_limit(), MAX_ROW_BYTES))
-# Planning checks the columns of a JSONL file on the JSON objects among its first lines.
+# Planning checks the columns of a JSONL file, and infers the types of its carried ones, on the JSON objects among
+# its first lines.
 COLUMN_SAMPLE_ROWS = 100
 COLUMN_SAMPLE_BYTES = 1 << 20
 
@@ -100,6 +102,9 @@ class Shard:
     byte_end: int
     header_end: int = 0
     input_bytes: int = 0
+    repeats: tuple[tuple[int, str], ...] = ()
+    """Rows (source_row) whose id a row of another shard, earlier in the input, has: each with where that row is.
+    Found by find_repeated_ids before the run reads the shard."""
 
 
 @dataclass(frozen=True)
@@ -109,15 +114,23 @@ class ReadConfig:
     format: str
     id_column: str | None
     prompt_columns: tuple[str, ...]
-    carry_columns: tuple[str, ...]
+    carried: pa.Schema
+    """The carried columns with the types the job's output gives them (carried_schema)."""
     on_bad_file: str
     storage_options: dict[str, Any]
 
     @classmethod
-    def of(cls, spec: InputSpec, prompt_columns: list[str]) -> ReadConfig:
+    def of(cls, spec: InputSpec, prompt_columns: list[str], carried: pa.Schema | None = None) -> ReadConfig:
+        """The config of a job's reads; `carried` is the plan's carried_schema, worked out from the input when None."""
         id_column = spec.id_column or ("custom_id" if spec.format == "openai-batch" else None)
-        return cls(spec.format, id_column, tuple(prompt_columns), tuple(spec.carry_columns), spec.on_bad_file,
-                   spec.storage_options)
+        if carried is None:
+            carried = carried_schema(spec, [input_schema(spec, info)
+                                            for info in storage.list_files(spec.path, spec.storage_options)])
+        return cls(spec.format, id_column, tuple(prompt_columns), carried, spec.on_bad_file, spec.storage_options)
+
+    @property
+    def carry_columns(self) -> list[str]:
+        return self.carried.names
 
 
 def shard_id(relpath: str, size: int, row_start: int, row_count: int) -> str:
@@ -310,39 +323,83 @@ def _csv_header_end(info: storage.FileInfo, options: dict[str, Any]) -> int:
                     "columns")
 
 
-def input_columns(spec: InputSpec, info: storage.FileInfo) -> list[str] | None:
-    """Column names of one input file: its Parquet footer's, its CSV header's, or the keys of the JSON objects among
-    its first COLUMN_SAMPLE_ROWS lines. None for OpenAI batch files, for a JSONL file with no object in that sample
-    and for a file that cannot be parsed (plan_shards refuses or skips it, as input.on_bad_file says)."""
+def input_schema(spec: InputSpec, info: storage.FileInfo) -> pa.Schema | None:
+    """Columns and types of one input file: its Parquet footer's; its CSV header's, every column a string; or the keys
+    of the JSON objects among its first COLUMN_SAMPLE_ROWS lines, typed from their values there (null where a key
+    only ever held null, string where its values were of mixed types). None for a JSONL file with no object in that
+    sample, for OpenAI batch files and for a file that cannot be parsed (plan_shards refuses or skips it, as
+    input.on_bad_file says)."""
     try:
         if spec.format == "parquet":
-            return storage.read_file(info.url, _parsing(lambda handle: pq.ParquetFile(handle).schema_arrow.names),
+            return storage.read_file(info.url, _parsing(lambda handle: pq.ParquetFile(handle).schema_arrow),
                                      spec.storage_options)
         if spec.format == "csv":
             header = storage.read_bytes(info.url, spec.storage_options, 0, _csv_header_end(info, spec.storage_options))
-            return next(csv.reader(io.StringIO(header.decode("utf-8", "replace"), newline="")))
+            names = next(csv.reader(io.StringIO(header.decode("utf-8", "replace"), newline="")))
+            return pa.schema([(name, pa.string()) for name in dict.fromkeys(names)])
         if spec.format == "jsonl":
-            return _sampled_keys(storage.read_bytes(info.url, spec.storage_options, 0,
-                                                    min(info.size, COLUMN_SAMPLE_BYTES)), info.size)
+            return _sampled_schema(storage.read_bytes(info.url, spec.storage_options, 0,
+                                                      min(info.size, COLUMN_SAMPLE_BYTES)), info.size)
     except (_BadFile, FileNotFoundError):
         return None
     return None
 
 
-def _sampled_keys(head: bytes, size: int) -> list[str] | None:
-    """Keys of the JSON objects among the first whole lines of `head` (the start of a file of `size` bytes)."""
+def _sampled_schema(head: bytes, size: int) -> pa.Schema | None:
+    """Keys of the JSON objects among the first whole lines of `head` (the start of a file of `size` bytes), typed
+    from the values they hold there."""
     lines = head.split(b"\n")
     if len(head) < size:
         lines.pop()  # cut off at the end of the sample
-    keys: dict[str, None] = {}
+    values: dict[str, list[Any]] = {}
     for line in lines[:COLUMN_SAMPLE_ROWS]:
         try:
             record = json.loads(line)
         except (ValueError, RecursionError):
             continue
         if isinstance(record, dict):
-            keys.update(dict.fromkeys(record))
-    return list(keys) if keys else None
+            for key, value in record.items():
+                values.setdefault(key, []).append(value)
+    return pa.schema([(key, _inferred_type(sample)) for key, sample in values.items()]) if values else None
+
+
+def _inferred_type(sample: list[Any]) -> pa.DataType:
+    """Arrow's type for JSON values; string for values of mixed types, or holding objects (a struct type would drop
+    the keys later rows add)."""
+    try:
+        found = pa.array(sample).type
+    except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+        return pa.string()
+    return pa.string() if _holds_struct(found) else found
+
+
+def _holds_struct(arrow: pa.DataType) -> bool:
+    return pa.types.is_struct(arrow) or any(_holds_struct(arrow.field(i).type) for i in range(arrow.num_fields))
+
+
+def carried_schema(spec: InputSpec, schemas: list[pa.Schema | None]) -> pa.Schema:
+    """The type of each carried column in the job's output, fixed once at planning: input.schema's where it names
+    one, else the input files' (`schemas`, from input_schema) unified, widening where Arrow can (int32 to int64, a
+    decimal to one of more digits, null to anything); a JSONL column whose files disagree, or that held only nulls,
+    is a string. SpecError for Parquet files whose types for a column have no common type."""
+    fields = []
+    for column in spec.carry_columns:
+        if column in spec.schema_:
+            fields.append(pa.field(column, arrow_type(spec.schema_[column])))
+            continue
+        found = [schema.field(column) for schema in schemas if schema is not None and column in schema.names]
+        try:
+            unified = pa.unify_schemas([pa.schema([f]) for f in found], promote_options="permissive").field(0).type \
+                if found else pa.null()
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+            if spec.format == "parquet":
+                types = sorted({str(f.type) for f in found})
+                raise SpecError(f"input.carry_columns: column {column!r} has types {types} in different Parquet files, "
+                                f"with no common type; declare the one to convert to, e.g. input.schema: {{{column}: "
+                                "string}") from None
+            unified = pa.string()
+        fields.append(pa.field(column, pa.string() if pa.types.is_null(unified) else unified))
+    return pa.schema(fields)
 
 
 class ShardDatasource(Datasource):
@@ -374,7 +431,7 @@ def _read_one(shard: Shard, config: ReadConfig) -> Iterator[pa.Table]:
 def read_shard(shard: Shard, config: ReadConfig) -> pa.Table:
     """One shard as a block: one row per input row, bad rows flagged, none dropped."""
     try:
-        rows = _READERS[config.format](shard, config)
+        rows, carried = _READERS[config.format](shard, config)
     except (_BadFile, FileNotFoundError) as exc:
         if config.on_bad_file == "fail":
             raise RuntimeError(
@@ -382,23 +439,64 @@ def read_shard(shard: Shard, config: ReadConfig) -> pa.Table:
                 f"be read: {exc}. Fix the file, or set input.on_bad_file: skip to turn its rows into error rows."
             ) from exc
         message = f"input file {_shown(shard)} could not be read: {exc}"
-        rows = [_error_row(shard, shard.row_start + i, "bad_file", message) for i in range(shard.row_count)]
+        rows, carried = [_error_row(shard, shard.row_start + i, "bad_file", message)
+                         for i in range(shard.row_count)], None
     if config.id_column is not None:
         _flag_duplicate_ids(shard, rows)
-    return _to_block(shard, rows, config)
+    return _to_block(shard, rows, config, carried)
 
 
 def _flag_duplicate_ids(shard: Shard, rows: list[dict[str, Any]]) -> None:
-    """Later rows of the shard that repeat an earlier row's id become `duplicate_id` error rows."""
+    """Rows that repeat the id of an earlier row, of the shard or (shard.repeats) of an earlier shard, become
+    `duplicate_id` error rows."""
+    elsewhere = dict(shard.repeats)
     first_row: dict[str, int] = {}
     for row in rows:
         if row["_error_type"] is not None:
             continue
-        earlier = first_row.setdefault(row["id"], row["source_row"])
-        if earlier != row["source_row"]:
+        first = first_row.setdefault(row["id"], row["source_row"])
+        earlier = elsewhere.get(row["source_row"]) or (f"row {first}" if first != row["source_row"] else None)
+        if earlier is not None:
             row.update(_prompt=None, _error_type="duplicate_id",
-                       _error=f"{_shown(shard)} row {row['source_row']}: id {row['id']!r} was already used by row "
+                       _error=f"{_shown(shard)} row {row['source_row']}: id {row['id']!r} was already used by "
                               f"{earlier}, which is answered; make the ids in the id column unique")
+
+
+def find_repeated_ids(shards: list[Shard], config: ReadConfig) -> list[Shard]:
+    """The shards, with the rows of each whose id a row of an earlier shard has (Shard.repeats).
+
+    One Ray Data pass reads every shard's ids and groups them by id with a hash shuffle, so no process holds all
+    of them; only the ids used more than once come back to the driver. Rows that are error rows anyway, or repeat an
+    id earlier in their own shard, take no part (read_shard flags those itself)."""
+    import ray.data
+    from ray.data.aggregate import AsList, Count
+
+    order = {shard.shard_id: index for index, shard in enumerate(shards)}
+    ids_only = replace(config, prompt_columns=(), carried=pa.schema([]))
+    dataset = ray.data.read_datasource(ShardDatasource(shards, ids_only), override_num_blocks=len(shards),
+                                       num_cpus=0.25)
+    dataset.context.enable_progress_bars = False
+    groups = (dataset.map_batches(_id_places, batch_format="pyarrow", batch_size=None, num_cpus=0.25)
+              .groupby("id", num_partitions=max(1, min(16, len(shards) // 64)))
+              .aggregate(Count(alias_name="uses"), AsList("place", alias_name="places"))
+              .map_batches(lambda table: table.filter(pc.greater(table["uses"], 1)), batch_format="pyarrow",
+                           batch_size=None, num_cpus=0.25))
+    repeats: dict[str, list[tuple[int, str]]] = {}
+    for group in groups.iter_rows():
+        places = sorted(((order[shard], int(row)) for shard, row in (place.split(":") for place in group["places"])))
+        first_shard, first_row = places[0]
+        first = f"row {first_row} of {_shown(shards[first_shard])}"
+        for index, row in places[1:]:
+            repeats.setdefault(shards[index].shard_id, []).append((row, first))
+    return [replace(shard, repeats=tuple(sorted(repeats[shard.shard_id]))) if shard.shard_id in repeats else shard
+            for shard in shards]
+
+
+def _id_places(block: pa.Table) -> pa.Table:
+    """The ids of a block's rows that are no error rows, each with its place: `<shard id>:<source row>`."""
+    block = block.filter(pc.is_null(block.column("_error_type")))
+    return pa.table({"id": block.column("id"), "place": pc.binary_join_element_wise(
+        block.column("_shard"), pc.cast(block.column("source_row"), pa.string()), ":")})
 
 
 def _shown(shard: Shard) -> str:
@@ -417,7 +515,7 @@ def _check_count(shard: Shard, found: int, what: str) -> None:
                        "was planned")
 
 
-def _read_jsonl(shard: Shard, config: ReadConfig) -> list[dict[str, Any]]:
+def _read_jsonl(shard: Shard, config: ReadConfig) -> tuple[list[dict[str, Any]], None]:
     rows = []
     for offset, raw in enumerate(_records(shard, config)):
         row_number = shard.row_start + offset
@@ -431,7 +529,7 @@ def _read_jsonl(shard: Shard, config: ReadConfig) -> list[dict[str, Any]]:
             rows.append(_error_row(shard, row_number, "invalid_json", f"{where}: expected one JSON object per line, "
                                    "found JSON nested too deeply to read; flatten it"))
     _check_count(shard, len(rows), "lines")
-    return rows
+    return rows, None
 
 
 def _jsonl_row(shard: Shard, row_number: int, where: str, raw: bytes, config: ReadConfig) -> dict[str, Any]:
@@ -466,7 +564,7 @@ def _jsonl_row(shard: Shard, row_number: int, where: str, raw: bytes, config: Re
     return row
 
 
-def _read_csv(shard: Shard, config: ReadConfig) -> list[dict[str, Any]]:
+def _read_csv(shard: Shard, config: ReadConfig) -> tuple[list[dict[str, Any]], None]:
     header_bytes = storage.read_bytes(shard.file, config.storage_options, 0, shard.header_end)
     header = next(csv.reader(io.StringIO(header_bytes.decode("utf-8", "replace"), newline="")))
     rows = []
@@ -476,7 +574,7 @@ def _read_csv(shard: Shard, config: ReadConfig) -> list[dict[str, Any]]:
         rows.append(_too_large(shard, row_number, where, raw) if isinstance(raw, int) else
                     _csv_row(shard, row_number, where, raw, header, config))
     _check_count(shard, len(rows), "CSV records")
-    return rows
+    return rows, None
 
 
 def _csv_row(shard: Shard, row_number: int, where: str, raw: bytes, header: list[str],
@@ -500,11 +598,15 @@ def _csv_row(shard: Shard, row_number: int, where: str, raw: bytes, header: list
     return _data_row(shard, row_number, dict(zip(header, records[0])), config)
 
 
-def _read_parquet(shard: Shard, config: ReadConfig) -> list[dict[str, Any]]:
+def _read_parquet(shard: Shard, config: ReadConfig) -> tuple[list[dict[str, Any]], pa.Table]:
+    """The shard's rows, with the carried columns apart as Arrow columns: a round trip through Python would change
+    their types (nanoseconds, decimals)."""
     wanted = list(dict.fromkeys(c for c in (config.id_column, *config.prompt_columns, *config.carry_columns) if c))
     table = storage.read_file(shard.file, _parsing(partial(_parquet_rows, shard=shard, columns=wanted)),
                               config.storage_options)
-    return [_data_row(shard, shard.row_start + i, record, config) for i, record in enumerate(table.to_pylist())]
+    records = table.select([c for c in (config.id_column, *config.prompt_columns) if c]).to_pylist()
+    return [_data_row(shard, shard.row_start + i, record, config) for i, record in enumerate(records)], \
+        table.select(config.carry_columns)
 
 
 def _parquet_rows(handle: Any, shard: Shard, columns: list[str]) -> pa.Table:
@@ -568,8 +670,21 @@ def _typed_request(overrides: dict[str, Any] | None) -> dict[str, Any] | None:
     return {**overrides, "response_format": None if response_format is None else response_format.to_json()}
 
 
-def _to_block(shard: Shard, rows: list[dict[str, Any]], config: ReadConfig) -> pa.Table:
+def _to_block(shard: Shard, rows: list[dict[str, Any]], config: ReadConfig, carried: pa.Table | None) -> pa.Table:
+    """The rows as a block; carried columns of the output's types (from `carried`, else from the rows), where a value
+    that does not fit its type makes its row an `invalid_field` error row."""
     count = len(rows)
+    typed: dict[str, pa.Array] = {}
+    for field in config.carried:
+        values = carried.column(field.name) if carried is not None else [r.get(field.name) for r in rows]
+        typed[field.name], misfits = typed_column(values, field.type)
+        for position, found in misfits.items():
+            row = rows[position]
+            if row["_error_type"] is None:
+                row.update(_prompt=None, _error_type="invalid_field",
+                           _error=f"{_shown(shard)} row {row['source_row']}: carried column {field.name!r} expected "
+                                  f"{field.type} (its type in the job's output, fixed when the job was planned), "
+                                  f"found {found}; fix the value, or declare the column's type in input.schema")
     columns: dict[str, pa.Array] = {
         "_shard": pa.array([shard.shard_id] * count, pa.string()),
         "_shard_rows": pa.array([shard.row_count] * count, pa.int64()),
@@ -581,10 +696,58 @@ def _to_block(shard: Shard, rows: list[dict[str, Any]], config: ReadConfig) -> p
         "_error": pa.array([r["_error"] for r in rows], pa.string()),
         "_request": pa.array([_typed_request(r.get("_request")) for r in rows], REQUEST_TYPE),
     }
-    for column in config.carry_columns:
-        values = [r.get(column) for r in rows]
+    return pa.table({**columns, **typed})
+
+
+_MISFIT = (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OverflowError)
+
+
+def typed_column(values: list[Any] | pa.ChunkedArray, target: pa.DataType) -> tuple[pa.Array, dict[int, str]]:
+    """`values` as an array of `target`, null where a value does not fit it, and what was found at those positions.
+
+    A value fits when converting it loses nothing: a number of another width or kind that holds it exactly, text that
+    parses as the type (an empty string is null), a timestamp of another unit. A string column takes other JSON
+    values as their JSON text."""
+    if isinstance(values, pa.ChunkedArray):
+        values = values.combine_chunks()
+    elif _is_text(target):
+        values = [v if v is None or isinstance(v, str) else json.dumps(v, default=str) for v in values]
+    try:
+        return _converted(values, target), {}
+    except _MISFIT:
+        pass
+    pieces, misfits = [], {}
+    for position in range(len(values)):
+        one = values[position : position + 1]
         try:
-            columns[column] = pa.array(values)
-        except (pa.ArrowInvalid, pa.ArrowTypeError):
-            columns[column] = pa.array([None if v is None else json.dumps(v, default=str) for v in values])
-    return pa.table(columns)
+            pieces.append(_converted(one, target))
+        except _MISFIT:
+            pieces.append(pa.nulls(1, target))
+            misfits[position] = _described(one)
+    return pa.concat_arrays(pieces), misfits
+
+
+def _converted(values: list[Any] | pa.Array, target: pa.DataType) -> pa.Array:
+    array = values if isinstance(values, pa.Array) else pa.array(values)
+    found = array.type
+    if _is_text(found) and not _is_text(target):
+        array = pc.if_else(pc.equal(array, ""), pa.scalar(None, found), array)
+    elif not (found == target or pa.types.is_null(found) or _is_text(target) or any(
+            kind(found) and kind(target) for kind in (_is_number, pa.types.is_temporal, pa.types.is_list))):
+        raise pa.ArrowTypeError(f"{found} is not {target}")
+    return array.cast(target)  # a safe cast: it refuses to truncate or overflow
+
+
+def _is_text(arrow: pa.DataType) -> bool:
+    return pa.types.is_string(arrow) or pa.types.is_large_string(arrow)
+
+
+def _is_number(arrow: pa.DataType) -> bool:
+    return pa.types.is_integer(arrow) or pa.types.is_floating(arrow) or pa.types.is_decimal(arrow)
+
+
+def _described(one: list[Any] | pa.Array) -> str:
+    """A value that did not fit, as a message shows it: its type and the start of its text."""
+    if isinstance(one, pa.Array):
+        return f"{one.type} {str(one[0].as_py())[:60]!r}"
+    return f"{type(one[0]).__name__} {json.dumps(one[0], default=str)[:60]}"

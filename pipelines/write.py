@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -35,14 +36,26 @@ class Layout:
         path = path.rstrip("/")
         return cls(os.path.abspath(path) if "://" not in path else path)
 
-    def data_file(self, variant: str, shard_id: str) -> str:
-        return f"{variant}/part-{shard_id}.parquet"
+    def data_file(self, variant: str, shard_id: str, attempt: str) -> str:
+        """The name, relative to the output folder, of one write attempt's data: each attempt writes its own file and
+        the commit record names the one that counts, so no write ever touches committed data."""
+        return f"{variant}/part-{shard_id}-{attempt}.parquet"
 
     def commit_url(self, variant: str, shard_id: str) -> str:
         return f"{self.output}/{COMMITS_DIR}/{variant}/{shard_id}.json"
 
-    def openai_file(self, variant: str, shard_id: str) -> str:
-        return f"{self.output}/{OPENAI_DIR}/{variant}/part-{shard_id}.jsonl"
+    def openai_file(self, data_file: str) -> str:
+        """The OpenAI batch output lines written beside `data_file`."""
+        return f"{self.output}/{OPENAI_DIR}/{data_file.removesuffix('.parquet')}.jsonl"
+
+    def uncommitted(self, variants: list[str], records: list[CommitRecord], options: dict) -> list[str]:
+        """Data files of `variants` that no commit record names: attempts that lost a race to commit or whose writer
+        died before committing."""
+        named = {url for record in records if record.data_file
+                 for url in (self.url(record.data_file), self.openai_file(record.data_file))}
+        return [url for variant in variants for folder in (self.url(variant), f"{self.output}/{OPENAI_DIR}/{variant}")
+                for url in storage.list_names(folder, options)
+                if url.endswith((".parquet", ".jsonl")) and url not in named]
 
     def commits_prefix(self) -> str:
         return f"{self.output}/{COMMITS_DIR}"
@@ -61,7 +74,8 @@ class WriteConfig:
     model: str
     input_per_mtok: float
     output_per_mtok: float
-    carry_columns: tuple[str, ...]
+    carried: pa.Schema
+    """The carried columns and the types every output file gives them (the plan's)."""
     run_id: str
     openai_output: bool = False
     job_id: str = ""
@@ -123,20 +137,19 @@ class WriteStage(Stage):
         table = results_table(rows.filter(pc.invert(rows.column("_skip"))), config)
         commit_url = config.layout.commit_url(config.variant, shard)
         if storage.exists(commit_url, config.storage_options):
-            # A retry of a shard that is already committed: its file is final, never rewrite it.
+            # A retry of a shard that is already committed: its data is final, and this attempt writes none.
             return shard, False, Totals.of_table(table)
         data_file = None
         if table.num_rows:
             buffer = io.BytesIO()
             pq.write_table(table, buffer, compression="zstd")
-            data_file = config.layout.data_file(config.variant, shard)
+            data_file = config.layout.data_file(config.variant, shard, uuid.uuid4().hex[:12])
             storage.write_bytes(config.layout.url(data_file), buffer.getvalue(), config.storage_options)
             if config.openai_output:
                 created = int(datetime.now(timezone.utc).timestamp())
                 lines = "".join(json.dumps(response_line(row, config.job_id, created)) + "\n"
                                 for row in table.to_pylist())
-                storage.write_bytes(config.layout.openai_file(config.variant, shard), lines.encode(),
-                                    config.storage_options)
+                storage.write_bytes(config.layout.openai_file(data_file), lines.encode(), config.storage_options)
         totals = Totals.of_table(table, engine_seconds=float(pc.sum(rows.column("_engine_seconds")).as_py() or 0.0),
                                  batch_seconds=float(pc.sum(rows.column("_batch_seconds")).as_py() or 0.0))
         record = CommitRecord(
@@ -145,6 +158,14 @@ class WriteStage(Stage):
             committed_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), totals=totals,
         )
         committed = storage.create_only(commit_url, record.model_dump_json().encode(), config.storage_options)
+        if not committed and data_file is not None:
+            # Another attempt committed first; unless its record names this attempt's file (a create whose reply was
+            # lost and whose retry found its own record), this attempt's files are garbage.
+            winner = read_commit(storage.read_bytes(commit_url, config.storage_options))
+            committed = winner.data_file == data_file
+            if not committed:
+                storage.delete_files(config.layout.output, [config.layout.url(data_file), *(
+                    [config.layout.openai_file(data_file)] if config.openai_output else [])], config.storage_options)
         if committed:
             record_commit(config.job_id, config.variant, totals)
         return shard, committed, totals
@@ -212,8 +233,8 @@ def results_table(block: pa.Table, config: WriteConfig) -> pa.Table:
     if config.adapter_prices is not None:
         table = table.append_column(ADAPTER_FIELD, pc.if_else(failed, pa.scalar(None, pa.string()),
                                                               block.column("_adapter")))
-    for name in config.carry_columns:
-        table = table.append_column(name, block.column(name))
+    for field in config.carried:
+        table = table.append_column(field, block.column(field.name).cast(field.type))
     return table
 
 

@@ -171,6 +171,10 @@ class JobManifest(BaseModel):
     totals: Totals = Field(description="Sums over all output rows.")
     per_variant: dict[str, Totals] = Field(description="Sums per variant.")
     bad_files: list[str] = Field(default_factory=list, description="Input files skipped as unreadable (`on_bad_file: skip`).")
+    carried_schema: dict[str, str] = Field(
+        default_factory=dict, description="Arrow type of each carried column, as every output file has it after "
+        "the result columns: fixed when the job was first planned, from input.schema or the input."
+    )
     runs: list[RunRecord] = Field(description="Every run that worked on this output, oldest first.")
     wall_seconds: float = Field(description="Wall time summed over runs.")
     engine_seconds: float = Field(description="Engine busy seconds, summed over engines.")

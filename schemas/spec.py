@@ -12,6 +12,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
+import pyarrow as pa
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
@@ -31,6 +32,8 @@ class _Strict(BaseModel):
 class InputSpec(_Strict):
     """Where the rows come from."""
 
+    model_config = ConfigDict(extra="forbid", validate_by_name=True, serialize_by_alias=True)
+
     path: str = Field(description="A file, a folder (read recursively) or a glob; s3://, gs://, file:// or a local path.")
     format: Literal["parquet", "jsonl", "csv", "openai-batch"] = Field(
         description="File format of every input file; `openai-batch` reads OpenAI Batch API request files (JSONL with "
@@ -45,6 +48,21 @@ class InputSpec(_Strict):
     carry_columns: list[str] = Field(
         default_factory=list, description="Input columns copied unchanged into every output row; not a name starting "
         "with `_` nor one of the output columns (`id`, `source_file`, ...), which the pipeline uses itself."
+    )
+    schema_: dict[str, str] = Field(
+        default_factory=dict, alias="schema", description="Arrow types of carried columns, by name (`int64`, "
+        "`float64`, `bool`, `string`, `date32`, `timestamp[us]`, `timestamp[ns, tz=UTC]`, ...): each value is "
+        "converted to its type (text parsed, as CSV needs) and one that does not fit makes its row an "
+        "`invalid_field` error row. A carried column not named here takes its type from the input: the Parquet "
+        "footers, `string` for CSV, for JSONL the values in each file's first lines (a column of mixed types or "
+        "holding objects, or only nulls there, is `string`; other values in a string column keep their JSON text)."
+    )
+    unique_ids: bool | None = Field(
+        None, description="Check that no two rows share an id across the whole input, before the engines start: one "
+        "Ray Data pass over the ids, grouped by id with a hash shuffle, so memory stays bounded. A row repeating an "
+        "earlier row's id becomes a `duplicate_id` error row; the first is answered. Default: on for `openai-batch` "
+        "(a custom_id must be unique), off otherwise, where only repeats within a shard are found. Needs an id "
+        "column."
     )
     rows_per_shard: int = Field(
         512,
@@ -78,6 +96,30 @@ class InputSpec(_Strict):
         if problems:
             raise ValueError("; ".join(problems))
         return columns
+
+    @property
+    def checks_unique_ids(self) -> bool:
+        """Whether the run checks ids across shards (unique_ids, with its default)."""
+        return self.format == "openai-batch" if self.unique_ids is None else self.unique_ids
+
+    @model_validator(mode="after")
+    def _schema_types(self) -> InputSpec:
+        problems = []
+        if self.unique_ids and self.id_column is None and self.format != "openai-batch":
+            problems.append("unique_ids: found true without input.id_column; rows without an id column are named by "
+                            "their position, which is unique anyway: set id_column or drop unique_ids")
+        for column, alias in self.schema_.items():
+            if column not in self.carry_columns:
+                problems.append(f"schema.{column}: not in input.carry_columns {self.carry_columns}; the schema types "
+                                "the carried columns, so carry the column or drop it here")
+            try:
+                arrow_type(alias)
+            except ValueError:
+                problems.append(f"schema.{column}: found {alias!r}, not an Arrow type name; use one such as int64, "
+                                "float64, bool, string, date32 or timestamp[us]")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
 
 class PromptSpec(_Strict):
@@ -567,15 +609,25 @@ class JobSpec(_Strict):
         requires it to match."""
         decisive = self.model_dump(
             mode="json",
-            include={"input": {"path", "format", "id_column", "carry_columns", "rows_per_shard"}, "prompt": True,
+            include={"input": {"path", "format", "id_column", "carry_columns", "rows_per_shard", "schema_",
+                               "unique_ids"},
+                     "prompt": True,
                      "output": {"format"}, "model": True, "models": True, "route_column": True,
                      "response_format": True, "sampling": True, "prices": {"input_per_mtok", "output_per_mtok"}},
         )
+        for name, unset in (("schema", {}), ("unique_ids", None)):
+            if decisive["input"][name] == unset:
+                del decisive["input"][name]  # specs from before these fields keep their job ids
         if not self.prompt.images:
             del decisive["prompt"]["images"]  # text-only specs keep their job ids
         if self.logical_date is not None:
             decisive["logical_date"] = logical_date_values(self.logical_date)["ts"]
         return hashlib.sha256(json.dumps(decisive, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def arrow_type(name: str) -> pa.DataType:
+    """The Arrow type an `input.schema` value names: one of pyarrow's type aliases (`int64`, `timestamp[us]`, ...)."""
+    return pa.type_for_alias(name)
 
 
 def load_spec(source: str | Path | dict[str, Any], logical_date: datetime | None = None) -> JobSpec:

@@ -7,6 +7,7 @@ import functools
 import io
 import json
 import uuid
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,53 @@ def base_url(where: str, tmp_path: Path, s3) -> str:
 def write_input(url: str, files: list[list[dict[str, Any]]], fmt: str) -> None:
     for index, rows in enumerate(files):
         storage.write_bytes(f"{url}/input/part-{index}.{fmt}", encode(rows, fmt))
+
+
+EDGE_COLUMNS = ["price", "seen_at", "note"]
+
+
+def with_edge_types(files: list[list[dict[str, Any]]], fmt: str) -> list[list[dict[str, Any]]]:
+    """The files with carried columns whose types differ from file to file, as real inputs' do: prices as decimals of
+    different precision (Parquet) or as integers in one file and floats in another (JSONL), nanosecond timestamps,
+    a column that is null in every row of some files."""
+    edged = []
+    for index, rows in enumerate(files):
+        edged.append([{**row, "price": None if index == 2 else (row["score"] + 0.25 if index else row["score"] * 10),
+                       "seen_at": 1_700_000_000_000_000_001 + position, "note": f"n{position}" if index == 0 else None}
+                      for position, row in enumerate(rows)])
+    return edged
+
+
+def write_edge_input(url: str, files: list[list[dict[str, Any]]], fmt: str) -> None:
+    if fmt != "parquet":
+        return write_input(url, files, fmt)
+    for index, rows in enumerate(files):
+        table = pa.Table.from_pylist([{k: v for k, v in row.items() if k not in EDGE_COLUMNS} for row in rows])
+        price = pa.array([None if row["price"] is None else Decimal(str(row["price"])) for row in rows],
+                         pa.decimal128(6 + index, 2 + index) if index < 2 else pa.null())
+        table = table.append_column("price", price).append_column(
+            "seen_at", pa.array([row["seen_at"] for row in rows], pa.timestamp("ns"))).append_column(
+            "note", pa.array([row["note"] for row in rows], pa.string() if index == 0 else pa.null()))
+        sink = io.BytesIO()
+        pq.write_table(table, sink, row_group_size=16)
+        storage.write_bytes(f"{url}/input/part-{index}.parquet", sink.getvalue())
+
+
+def check_readers(url: str, rows: int) -> None:
+    """The output folder reads whole, one schema over all its part files, with pyarrow and pandas (through fsspec
+    on S3), and locally with Polars and DuckDB too."""
+    import duckdb
+    import pandas as pd
+    import polars as pl
+
+    fs, path = storage.filesystem(url)
+    table = pq.read_table(path, filesystem=fs)
+    assert table.num_rows == rows
+    assert len(pd.read_parquet(path, filesystem=fs)) == rows
+    if "://" in url:
+        return
+    assert pl.read_parquet(f"{url}/**/*.parquet").height == rows
+    assert duckdb.sql(f"select count(*) from read_parquet('{url}/**/*.parquet')").fetchall() == [(rows,)]
 
 
 def job_spec(input_url: str, fmt: str, output_url: str, **overrides: Any) -> dict[str, Any]:
@@ -131,9 +179,10 @@ def check_accounting(table: pa.Table, manifest: dict[str, Any], source: list[dic
 )
 def test_job_writes_one_accounted_row_per_input_row(fmt, source, destination, tmp_path, s3, ray_local, tiny_models):
     input_url, output_url = base_url(source, tmp_path, s3), base_url(destination, tmp_path, s3)
-    files = [reviews(20), reviews(13, start=20), reviews(1, start=33)]
-    write_input(input_url, files, fmt)
-    manifest = run_job(load_spec(job_spec(input_url, fmt, output_url)))
+    files = with_edge_types([reviews(20), reviews(13, start=20), reviews(1, start=33)], fmt)
+    write_edge_input(input_url, files, fmt)
+    carried = {"carry_columns": ["score", *EDGE_COLUMNS]} | ({"schema": {"seen_at": "int64"}} if fmt == "csv" else {})
+    manifest = run_job(load_spec(job_spec(input_url, fmt, output_url, input=carried)))
     assert manifest.shards == 4  # 16 + 4, 13, 1 rows
     table = read_output(f"{output_url}/output")
     check_accounting(table, read_manifest(f"{output_url}/output"), [r for f in files for r in f], tiny_models["qwen2"])
@@ -143,6 +192,20 @@ def test_finish_reason_is_stop_when_a_stop_string_ends_generation(tmp_path, s3, 
     write_input(str(tmp_path), [reviews(6)], "jsonl")
     first = run_job(load_spec(job_spec(str(tmp_path), "jsonl", str(tmp_path / "a"))))
     texts = read_output(first.output_path).column("generated_text").to_pylist()
+    check_readers(f"{output_url}/output", manifest.rows_in)
+    expected = {"parquet": {"score": "int64", "price": "decimal128(7, 3)", "seen_at": "timestamp[ns]",
+                            "note": "string"},
+                "jsonl": {"score": "int64", "price": "double", "seen_at": "int64", "note": "string"},
+                "csv": {"score": "string", "price": "string", "seen_at": "int64", "note": "string"}}[fmt]
+    assert manifest.carried_schema == expected
+    rows = {row["id"]: row for row in table.to_pylist()}
+    for row in (r for f in files for r in f):
+        written = rows[row["review_id"]]
+        assert written["note"] == row["note"] or (fmt == "csv" and written["note"] == "" and row["note"] is None)
+        if fmt != "csv":
+            assert (None if written["price"] is None else float(written["price"])) == row["price"]
+        seen_at = written["seen_at"]
+        assert (seen_at.value if fmt == "parquet" else seen_at) == row["seen_at"]
     stop = texts[0][2:5]  # greedy decoding repeats itself, so this appears again in the rerun
     rerun = run_job(load_spec(job_spec(str(tmp_path), "jsonl", str(tmp_path / "b"), sampling={"stop": [stop]})))
     rows = read_output(rerun.output_path).to_pylist()

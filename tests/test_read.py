@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import decimal
 import io
 import json
 from pathlib import Path
@@ -294,7 +295,7 @@ def test_jsonl_carry_columns_keep_their_types_and_are_null_on_error_rows(tmp_pat
     assert table.schema.field("n").type == pa.int64()
     assert table.column("n").to_pylist() == [1, None, 3]
     assert table.column("tags").to_pylist() == [["x"], None, []]
-    assert table.column("mixed").to_pylist() == ["1", None, '"three"']
+    assert table.column("mixed").to_pylist() == ["1", None, "three"]
 
 
 def test_shard_ids_are_stable_across_plans_and_unique(tmp_path: Path) -> None:
@@ -590,9 +591,10 @@ def test_jsonl_columns_are_sampled_from_the_first_lines(tmp_path: Path) -> None:
     path.write_bytes(b'not json\n{"rid": 1, "text": "a"}\n[1]\n{"rid": 2, "extra": true}\n')
     info = list_files(str(path))[0]
 
-    assert read.input_columns(InputSpec(path=str(path), format="jsonl"), info) == ["rid", "text", "extra"]
+    schema = read.input_schema(InputSpec(path=str(path), format="jsonl"), info)
+    assert schema == pa.schema([("rid", pa.int64()), ("text", pa.string()), ("extra", pa.bool_())])
     path.write_bytes(b"not json\n[1]\n")
-    assert read.input_columns(InputSpec(path=str(path), format="jsonl"), list_files(str(path))[0]) is None
+    assert read.input_schema(InputSpec(path=str(path), format="jsonl"), list_files(str(path))[0]) is None
 
 
 def test_an_unterminated_jsonl_string_is_reported_as_such(tmp_path: Path) -> None:
@@ -603,3 +605,112 @@ def test_an_unterminated_jsonl_string_is_reported_as_such(tmp_path: Path) -> Non
 
     assert errors[0][1] == f"{path} line 1: expected one JSON object per line, found invalid JSON (Unterminated string " \
                            "starting at at column 10)"
+
+
+def carried(path: Path, fmt: str, **fields: Any) -> pa.Schema:
+    spec = InputSpec(path=str(path), format=fmt, **fields)
+    return read.carried_schema(spec, [read.input_schema(spec, info) for info in list_files(str(path))])
+
+
+def test_carried_parquet_columns_take_one_type_over_all_files_and_keep_their_values_exactly(tmp_path: Path) -> None:
+    """Decimals of different precision widen to one; nanosecond timestamps stay nanoseconds; a column that is all
+    null in one file (Arrow's null type there) takes the other files' type."""
+    (tmp_path / "in").mkdir()
+    stamps = [1_700_000_000_123_456_789, 1_700_000_000_000_000_001]
+    pq.write_table(pa.table({"text": ["a", "b"], "price": pa.array([decimal.Decimal("1.25"), None], pa.decimal128(5, 2)),
+                             "seen": pa.array(stamps, pa.timestamp("ns")), "note": pa.nulls(2)}), tmp_path / "in/0.parquet")
+    pq.write_table(pa.table({"text": ["c"], "price": pa.array([decimal.Decimal("12345.678")], pa.decimal128(9, 3)),
+                             "seen": pa.array([None], pa.timestamp("ns")), "note": ["kept"]}), tmp_path / "in/1.parquet")
+    fields = {"carry_columns": ["price", "seen", "note"]}
+
+    schema = carried(tmp_path / "in", "parquet", **fields)
+    table = read_all(tmp_path / "in", "parquet", **fields)
+
+    assert schema == pa.schema([("price", pa.decimal128(9, 3)), ("seen", pa.timestamp("ns")), ("note", pa.string())])
+    assert table.select(schema.names).schema == schema
+    assert table.column("price").to_pylist() == [decimal.Decimal("1.250"), None, decimal.Decimal("12345.678")]
+    assert table.column("seen").cast(pa.int64()).to_pylist() == [*stamps, None]
+    assert table.column("note").to_pylist() == [None, None, "kept"]
+    assert table.column("_error_type").to_pylist() == [None] * 3
+
+
+def test_parquet_files_whose_column_types_have_nothing_in_common_need_a_declared_type(tmp_path: Path) -> None:
+    (tmp_path / "in").mkdir()
+    pq.write_table(pa.table({"text": ["a"], "code": [7]}), tmp_path / "in/0.parquet")
+    pq.write_table(pa.table({"text": ["b"], "code": ["x7"]}), tmp_path / "in/1.parquet")
+
+    with pytest.raises(SpecError, match=r"column 'code' has types \['int64', 'string'\] in different Parquet files.*"
+                                        r"input.schema: \{code: string\}"):
+        carried(tmp_path / "in", "parquet", carry_columns=["code"])
+    table = read_all(tmp_path / "in", "parquet", carry_columns=["code"], schema={"code": "string"})
+    assert table.column("code").to_pylist() == ["7", "x7"]
+
+
+def test_jsonl_types_come_from_the_first_lines_and_a_later_misfit_is_an_invalid_field_row(tmp_path: Path) -> None:
+    """`n` is an integer in the sampled lines, so a text value after them is an error row naming the column and both
+    types; `mixed` holds an int and a string there, so it is a string column; `empty` is only ever null there."""
+    lines = [{"text": f"t{i}", "n": i, "mixed": 1 if i == 0 else "one", "empty": None, "score": i}
+             for i in range(read.COLUMN_SAMPLE_ROWS)]
+    lines += [{"text": "late", "n": "twelve", "mixed": {"a": 1}, "empty": 5, "score": 2.5},
+              {"text": "fine", "n": 3.0, "mixed": None, "empty": "x", "score": 4}]
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(jsonl_bytes(lines))
+    fields = {"carry_columns": ["n", "mixed", "empty", "score"], "rows_per_shard": 64}
+
+    table = read_all(path, "jsonl", **fields)
+
+    assert carried(path, "jsonl", **fields) == pa.schema(
+        [("n", pa.int64()), ("mixed", pa.string()), ("empty", pa.string()), ("score", pa.int64())])
+    late, fine = table.slice(read.COLUMN_SAMPLE_ROWS).to_pylist()
+    assert late["_error_type"] == "invalid_field" and late["_prompt"] is None
+    assert late["_error"] == (f"{path} row 100: carried column 'n' expected int64 (its type in the job's output, fixed "
+                              "when the job was planned), found str \"twelve\"; fix the value, or declare the "
+                              "column's type in input.schema")
+    assert (late["n"], late["mixed"], late["empty"], late["score"]) == (None, '{"a": 1}', "5", None)
+    assert (fine["_error_type"], fine["n"], fine["empty"], fine["score"]) == (None, 3, "x", 4)
+    assert table.column("mixed").to_pylist()[:2] == ["1", "one"]
+
+
+def test_declared_types_parse_csv_text_and_empty_fields_are_null(tmp_path: Path) -> None:
+    path = tmp_path / "data.csv"
+    path.write_text("text,n,day,flag\na,12,2026-12-01,true\nb,,2026-12-02,false\nc,x,2026-13-01,true\n")
+
+    table = read_all(path, "csv", carry_columns=["n", "day", "flag"],
+                     schema={"n": "int64", "day": "date32", "flag": "bool"})
+
+    assert table.select(["n", "day", "flag"]).schema == pa.schema(
+        [("n", pa.int64()), ("day", pa.date32()), ("flag", pa.bool_())])
+    assert table.column("n").to_pylist() == [12, None, None]
+    assert [str(d) if d else None for d in table.column("day").to_pylist()] == ["2026-12-01", "2026-12-02", None]
+    errors = errors_by_row(table)
+    assert list(errors) == [2]
+    assert errors[2][0] == "invalid_field" and "carried column 'n' expected int64" in errors[2][1]
+
+
+@pytest.mark.s3  # the session's Ray starts after the S3 server
+def test_ids_repeated_across_shards_and_files_are_duplicate_id_rows_and_the_first_is_answered(
+        tmp_path: Path, ray_local: None) -> None:
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in/a.jsonl").write_bytes(jsonl_bytes([{"rid": f"r{i}", "text": "x"} for i in range(6)]))
+    (tmp_path / "in/b.jsonl").write_bytes(jsonl_bytes(
+        [{"rid": "r4", "text": "x"}, {"rid": "new", "text": "x"}, {"rid": "r1", "text": "x"}, {"rid": "r4", "text": "x"},
+         "not json", {"rid": "new", "text": "x"}]))
+    spec = InputSpec(path=str(tmp_path / "in"), format="jsonl", id_column="rid", rows_per_shard=2)
+    config = ReadConfig.of(spec, ["text"])
+    shards, _ = plan_shards(spec, list_files(spec.path))
+
+    flagged = read.find_repeated_ids(shards, config)
+
+    assert [s.shard_id for s in flagged] == [s.shard_id for s in shards]
+    table = pa.concat_tables([read_shard(shard, config) for shard in flagged])
+    rows = [(row["source_file"].rsplit("/", 1)[1], row["source_row"], row["_error_type"], row["_error"])
+            for row in table.to_pylist()]
+    errors = {(file, number): (kind, message) for file, number, kind, message in rows if kind}
+    assert set(errors) == {("b.jsonl", 0), ("b.jsonl", 2), ("b.jsonl", 3), ("b.jsonl", 4), ("b.jsonl", 5)}
+    assert errors["b.jsonl", 0] == ("duplicate_id", f"{tmp_path}/in/b.jsonl row 0: id 'r4' was already used by row "
+                                    f"4 of {tmp_path}/in/a.jsonl, which is answered; make the ids in the id column "
+                                    "unique")
+    assert errors["b.jsonl", 2][1].startswith(f"{tmp_path}/in/b.jsonl row 2: id 'r1' was already used by row 1 of ")
+    assert errors["b.jsonl", 3][0] == errors["b.jsonl", 5][0] == "duplicate_id"
+    assert errors["b.jsonl", 4][0] == "invalid_json"
+    assert [row for row in rows if row[:2] == ("b.jsonl", 1)][0][2] is None  # the first 'new' is answered

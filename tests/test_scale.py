@@ -28,7 +28,10 @@ def long_tail_lines(count: int, seed: int = 7) -> list[dict]:
 
 
 def test_a_job_over_1001_files_with_long_tail_lengths_commits_every_row_exactly_once(tmp_path: Path, ray_local) -> None:
+    """The last file repeats the custom_id of file 500: the id check across shards (on for openai-batch) makes it a
+    duplicate_id row and answers the first."""
     lines = long_tail_lines(FILES)
+    lines[-1]["custom_id"] = lines[500]["custom_id"]
     folder = tmp_path / "input"
     folder.mkdir()
     for index, line in enumerate(lines):
@@ -41,10 +44,14 @@ def test_a_job_over_1001_files_with_long_tail_lengths_commits_every_row_exactly_
 
     assert manifest.complete and manifest.shards == FILES
     table = pq.read_table(tmp_path / "output" / "tiny-qwen2")
-    rows = {row["id"]: row for row in table.to_pylist()}
-    assert table.num_rows == len(rows) == FILES
+    rows = {row["id"]: row for row in table.to_pylist() if row["error_type"] != "duplicate_id"}
+    assert table.num_rows == FILES and len(rows) == FILES - 1
+    [repeat] = [row for row in table.to_pylist() if row["error_type"] == "duplicate_id"]
+    assert repeat["source_file"] == str(folder / f"part-{FILES - 1:05d}.jsonl") and repeat["completion_tokens"] == 0
+    assert f"id 'req-00500' was already used by row 0 of {folder}/part-00500.jsonl, which is answered" in repeat["error"]
+    assert manifest.totals.errors_by_type == {"duplicate_id": 1}
     variant = get_variant("tiny-qwen2")
-    for line in lines:
+    for line in lines[:-1]:
         row, max_tokens = rows[line["custom_id"]], line["body"]["max_tokens"]
         assert row["error_type"] is None, row["error"]
         assert 0 < row["completion_tokens"] <= max_tokens

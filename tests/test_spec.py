@@ -355,7 +355,7 @@ def test_the_readme_spec_reference_names_every_field() -> None:
             if nested and name not in ("models", "replicas"):
                 found += paths(nested[0], f"{prefix}{name}.")
             else:
-                found.append(prefix + name)
+                found.append(prefix + (field.alias or name))
         return found
 
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()

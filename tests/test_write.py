@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+import threading
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -9,6 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from qwen_batch.pipelines import storage
 from qwen_batch.pipelines.engine import EngineStage
 from qwen_batch.pipelines.read import BLOCK_SCHEMA
 from qwen_batch.pipelines.write import COMMITS_DIR, Layout, WriteConfig, WriteStage, read_commit, results_table
@@ -79,7 +83,7 @@ def engine_block(rows: list[dict[str, Any]] = ROWS, shard: str = SHARD, first_ro
 def write_config(output: Path, run_id: str = "run-1") -> WriteConfig:
     return WriteConfig(layout=Layout(str(output)), storage_options={}, variant=VARIANT,
                        model="qwen-batch/tiny-qwen2", input_per_mtok=INPUT_PER_MTOK, output_per_mtok=OUTPUT_PER_MTOK,
-                       carry_columns=("stars", "note"), run_id=run_id)
+                       carried=pa.schema([("stars", pa.int64()), ("note", pa.string())]), run_id=run_id)
 
 
 @pytest.fixture
@@ -155,10 +159,11 @@ def test_write_stage_writes_the_shard_file_and_a_commit_record(tmp_path: Path) -
 
     summary = WriteStage(config)(block)
 
-    data_file = output / VARIANT / f"part-{SHARD}.parquet"
-    assert pq.read_table(data_file).equals(results_table(block, config))
     record = read_commit((output / COMMITS_DIR / VARIANT / f"{SHARD}.json").read_bytes())
-    assert (record.shard_id, record.variant, record.data_file) == (SHARD, VARIANT, f"{VARIANT}/part-{SHARD}.parquet")
+    assert (record.shard_id, record.variant) == (SHARD, VARIANT)
+    assert re.fullmatch(f"{VARIANT}/part-{SHARD}-[0-9a-f]{{12}}.parquet", record.data_file)
+    assert pq.read_table(output / record.data_file).equals(results_table(block, config))
+    assert [p.name for p in (output / VARIANT).iterdir()] == [record.data_file.split("/")[1]]
     assert (record.source_file, record.row_start, record.row_count, record.run_id) == ("/data/in.jsonl", 40, 5, "run-1")
     assert record.totals == Totals.of_table(results_table(block, config), engine_seconds=2.5, batch_seconds=7.5)
     assert summary.to_pylist() == [{
@@ -170,10 +175,11 @@ def test_write_stage_writes_the_shard_file_and_a_commit_record(tmp_path: Path) -
 def test_second_write_of_a_committed_shard_changes_nothing(tmp_path: Path) -> None:
     output = tmp_path / "out"
     block = engine_block()
-    data_file = output / VARIANT / f"part-{SHARD}.parquet"
     commit_file = output / COMMITS_DIR / VARIANT / f"{SHARD}.json"
     WriteStage(write_config(output, run_id="run-1"))(block)
-    first_data, first_commit = data_file.read_bytes(), commit_file.read_bytes()
+    first_commit = commit_file.read_bytes()
+    data_file = output / read_commit(first_commit).data_file
+    first_data = data_file.read_bytes()
 
     summary = WriteStage(write_config(output, run_id="run-2"))(block)
 
@@ -182,19 +188,74 @@ def test_second_write_of_a_committed_shard_changes_nothing(tmp_path: Path) -> No
     assert commit_file.read_bytes() == first_commit
     assert read_commit(first_commit).run_id == "run-1"
     assert sorted(p.name for p in commit_file.parent.iterdir()) == [f"{SHARD}.json"]
+    assert sorted(p.name for p in data_file.parent.iterdir()) == [data_file.name]
 
 
-def test_an_uncommitted_torn_data_file_is_overwritten(tmp_path: Path) -> None:
+def test_a_torn_file_of_a_dead_attempt_is_left_alone_and_listed_as_uncommitted(tmp_path: Path) -> None:
     output = tmp_path / "out"
-    data_file = output / VARIANT / f"part-{SHARD}.parquet"
-    data_file.parent.mkdir(parents=True)
-    data_file.write_bytes(b"torn write")
+    torn = output / VARIANT / f"part-{SHARD}-0123456789ab.parquet"
+    torn.parent.mkdir(parents=True)
+    torn.write_bytes(b"torn write")
+    config = write_config(output)
 
-    summary = WriteStage(write_config(output))(engine_block())
+    summary = WriteStage(config)(engine_block())
 
     assert summary.column("committed").to_pylist() == [True]
-    assert pq.read_table(data_file).num_rows == len(ROWS)
-    assert [p.name for p in data_file.parent.iterdir()] == [data_file.name]
+    record = read_commit((output / COMMITS_DIR / VARIANT / f"{SHARD}.json").read_bytes())
+    assert pq.read_table(output / record.data_file).num_rows == len(ROWS)
+    assert torn.read_bytes() == b"torn write"
+    assert config.layout.uncommitted([VARIANT], [record], {}) == [str(torn)]
+
+
+@pytest.mark.parametrize("where", ["local", pytest.param("s3", marks=pytest.mark.s3)])
+def test_two_writers_racing_on_one_shard_never_rewrite_the_committed_data(where: str, tmp_path: Path,
+                                                                         request: pytest.FixtureRequest,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worst order: A writes its data, B writes its data, A commits, B's commit finds A's. B's data differs (its
+    answers, its run), so a B that rewrote A's file would leave a commit record whose totals the file does not
+    hold."""
+    output = (f"s3://{request.getfixturevalue('s3').bucket}/race-{uuid.uuid4().hex[:8]}" if where == "s3"
+              else str(tmp_path / "out"))
+    steps = {name: threading.Event() for name in ("a wrote", "b wrote", "a committed")}
+    real_write, real_create = storage.write_bytes, storage.create_only
+
+    def write_bytes(url: str, data: bytes, options: dict | None = None) -> None:
+        writer = threading.current_thread().name
+        if writer == "b" and url.endswith(".parquet"):
+            steps["a wrote"].wait(30)
+        real_write(url, data, options)
+        if url.endswith(".parquet"):
+            steps[f"{writer} wrote"].set()
+
+    def create_only(url: str, data: bytes, options: dict | None = None) -> bool:
+        writer = threading.current_thread().name
+        steps["b wrote" if writer == "a" else "a committed"].wait(30)
+        created = real_create(url, data, options)
+        if writer == "a":
+            steps["a committed"].set()
+        return created
+
+    monkeypatch.setattr(storage, "write_bytes", write_bytes)
+    monkeypatch.setattr(storage, "create_only", create_only)
+    blocks = {"a": engine_block(), "b": engine_block(ROWS[::-1])}  # B's shard: the same rows, other answers
+    summaries: dict[str, pa.Table] = {}
+    writers = [threading.Thread(target=lambda name=name: summaries.update({name: WriteStage(
+        write_config(Layout.at(output).output, run_id=f"run-{name}"))(blocks[name])}), name=name) for name in blocks]
+    for writer in writers:
+        writer.start()
+    for writer in writers:
+        writer.join(60)
+
+    assert summaries["a"].column("committed").to_pylist() == [True]
+    assert summaries["b"].column("committed").to_pylist() == [False]
+    layout = Layout.at(output)
+    record = read_commit(storage.read_bytes(layout.commit_url(VARIANT, SHARD)))
+    assert record.run_id == "run-a"
+    committed = pq.read_table(storage.filesystem(layout.url(record.data_file))[1],
+                              filesystem=storage.filesystem(output)[0])
+    assert committed.equals(results_table(blocks["a"], write_config(Path(output), run_id="run-a")))
+    assert Totals.of_table(committed, engine_seconds=2.5, batch_seconds=7.5) == record.totals
+    assert storage.list_names(layout.url(VARIANT)) == [layout.url(record.data_file)]  # B removed its own file
 
 
 def test_a_block_holding_two_whole_shards_commits_each(tmp_path: Path) -> None:
@@ -206,10 +267,10 @@ def test_a_block_holding_two_whole_shards_commits_each(tmp_path: Path) -> None:
     assert summary.column("committed").to_pylist() == [True, True]
     assert summary.column("rows").to_pylist() == [2, 3]
     for shard, block in ((SHARD, first), ("another-shard", second)):
-        written = pq.read_table(tmp_path / "out" / VARIANT / f"part-{shard}.parquet")
+        record = read_commit((tmp_path / "out" / COMMITS_DIR / VARIANT / f"{shard}.json").read_bytes())
+        written = pq.read_table(tmp_path / "out" / record.data_file)
         assert written.equals(results_table(block, write_config(tmp_path / "out")))
-        assert read_commit((tmp_path / "out" / COMMITS_DIR / VARIANT / f"{shard}.json").read_bytes()).row_count == \
-            block.num_rows
+        assert record.row_count == block.num_rows
 
 
 def test_a_partial_shard_is_refused_and_nothing_is_written(tmp_path: Path) -> None:
