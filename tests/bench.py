@@ -36,6 +36,9 @@ Run from the repository root (the lead's `./run bench` does the same):
   python tests/bench.py --workload long-doc --modes raw,qwen-batch
   python tests/bench.py --rows 96 --modes raw,qwen-batch
   python tests/bench.py --scaling            # qwen-batch only, max_tokens 1, 1k/10k/100k/1M rows: per-row overhead
+  python tests/bench.py --scaling --scaling-sizes 10000 --rows-per-shard 1   # 10,000 shards of one row each
+
+Every qwen-batch run checks that each input row was committed exactly once (the `exactly once` column).
 
 Caches, Ray's session folder and the model live in a temporary folder removed at the end (`--keep` keeps it);
 nothing is downloaded (HF_HUB_OFFLINE=1). Every process a mode starts is ended when the mode ends.
@@ -352,6 +355,7 @@ def qwen_batch_spec(config: WorkerConfig) -> dict[str, Any]:
 
 def run_qwen_batch(config: WorkerConfig, started: float) -> dict[str, Any]:
     """qwen-batch end to end: an OpenAI batch file in, Parquet with accounting, commit records and the manifest out."""
+    import pyarrow.parquet as pq
     import ray
 
     from qwen_batch.cluster.local import job_log_file
@@ -369,7 +373,14 @@ def run_qwen_batch(config: WorkerConfig, started: float) -> dict[str, Any]:
     committed_at = sorted(datetime.fromisoformat(c["committed_at"]).timestamp() for c in commits)
     data_files = sorted(Path(config.output_dir).glob(f"{VARIANT}/part-*.parquet"), key=lambda p: p.stat().st_mtime)
     texts = _parquet_texts(Path(config.output_dir) / VARIANT)
+    planned = sum(1 for _ in open(config.openai_file))
+    # Every planned row committed once: as many distinct ids as input lines (bench ids are unique), no id twice, one
+    # commit record per shard, and no data file that no commit names.
+    exactly_once = (manifest.complete and manifest.rows_in == len(texts) == planned
+                    and sum(pq.read_metadata(path).num_rows for path in data_files) == planned
+                    and len(commits) == manifest.shards == len(data_files))
     return {
+        "exactly_once": exactly_once,
         "rows": manifest.rows_in, "output_tokens": manifest.totals.completion_tokens,
         "prompt_tokens": manifest.totals.prompt_tokens, "finish_reasons": manifest.totals.finish_reasons,
         "rows_failed": manifest.rows_failed, "engine_seconds": manifest.engine_seconds,
@@ -838,7 +849,8 @@ def run_mode(mode: str, root: Path, inputs: Inputs, cores: int, args: argparse.N
     result.driver_maxrss_bytes = measured["driver_maxrss_bytes"]
     result.children_maxrss_bytes = measured["children_maxrss_bytes"]
     result.extra = {key: measured[key] for key in ("phases_s", "finish_reasons", "shards", "commit_offsets_s",
-                                                   "config", "rows_failed", "steps") if measured.get(key) is not None}
+                                                   "config", "rows_failed", "steps", "exactly_once")
+                    if measured.get(key) is not None}
     print(f"  done: wall {result.wall_measured_s:.1f} s, {result.output_tokens} output tokens, "
           f"tree peak {_gib(result.tree_peak_rss_bytes)}, other programs used {foreign_share:.0%} of the cores",
           flush=True)
@@ -1217,7 +1229,7 @@ def run_scaling(args: argparse.Namespace, root: Path, cores: int) -> dict[str, A
           "wall after the engine was ready, engine = manifest engine_seconds, outside = after ready minus engine "
           "(per-row cost the engine waits on)")
     header = ["rows", "wall s", "s/1k rows", "ready at s", "after ready", "engine s/1k", "outside s/1k", "shards",
-              "busy", "driver peak", "driver maxrss", "tree peak"]
+              "exactly once", "busy", "driver peak", "driver maxrss", "tree peak"]
     print("  ".join(f"{h:>13}" for h in header))
     table = []
     for size, result in zip(sizes, results):
@@ -1233,12 +1245,13 @@ def run_scaling(args: argparse.Namespace, root: Path, cores: int) -> dict[str, A
                "outside_engine_s_per_1k_rows": after_ready - engine if None not in (after_ready, engine) else None,
                "engine_seconds": result.engine_seconds, "busy_fraction": result.busy_fraction,
                "mean_running_batch": result.mean_running_batch, "shards": result.extra.get("shards"),
+               "exactly_once": result.extra.get("exactly_once"),
                "driver_peak_rss_bytes": result.driver_peak_rss_bytes, "driver_maxrss_bytes": result.driver_maxrss_bytes,
                "tree_peak_rss_bytes": result.tree_peak_rss_bytes}
         table.append(row)
         print("  ".join(f"{v:>13}" for v in [
             size, _num(row["wall_s"]), _num(row["wall_s_per_1k_rows"], 2), _num(ready), _num(after_ready, 2),
-            _num(engine, 2), _num(row["outside_engine_s_per_1k_rows"], 2), str(row["shards"]),
+            _num(engine, 2), _num(row["outside_engine_s_per_1k_rows"], 2), str(row["shards"]), str(row["exactly_once"]),
             f"{result.busy_fraction:.0%}" if result.busy_fraction is not None else "-",
             _gib(row["driver_peak_rss_bytes"]), _gib(row["driver_maxrss_bytes"]), _gib(row["tree_peak_rss_bytes"])]))
     by_size = {row["rows"]: row for row in table}
