@@ -102,24 +102,31 @@ class InputSpec(_Strict):
         """Whether the run checks ids across shards (unique_ids, with its default)."""
         return self.format == "openai-batch" if self.unique_ids is None else self.unique_ids
 
-    @model_validator(mode="after")
-    def _schema_types(self) -> InputSpec:
+    @field_validator("schema_")
+    @classmethod
+    def _schema_types(cls, schema: dict[str, str], info: ValidationInfo) -> dict[str, str]:
+        carried = info.data.get("carry_columns", [])
         problems = []
-        if self.unique_ids and self.id_column is None and self.format != "openai-batch":
-            problems.append("unique_ids: found true without input.id_column; rows without an id column are named by "
-                            "their position, which is unique anyway: set id_column or drop unique_ids")
-        for column, alias in self.schema_.items():
-            if column not in self.carry_columns:
-                problems.append(f"schema.{column}: not in input.carry_columns {self.carry_columns}; the schema types "
-                                "the carried columns, so carry the column or drop it here")
+        for column, alias in schema.items():
+            if column not in carried:
+                problems.append(f"column {column!r} is not in input.carry_columns {carried}; the schema types the "
+                                "carried columns, so carry the column or drop it here")
             try:
                 arrow_type(alias)
             except ValueError:
-                problems.append(f"schema.{column}: found {alias!r}, not an Arrow type name; use one such as int64, "
+                problems.append(f"column {column!r}: {alias!r} is not an Arrow type name; use one such as int64, "
                                 "float64, bool, string, date32 or timestamp[us]")
         if problems:
             raise ValueError("; ".join(problems))
-        return self
+        return schema
+
+    @field_validator("unique_ids")
+    @classmethod
+    def _ids_to_check(cls, unique_ids: bool | None, info: ValidationInfo) -> bool | None:
+        if unique_ids and info.data.get("id_column") is None and info.data.get("format") != "openai-batch":
+            raise ValueError("it needs input.id_column; rows without one are named by their position, which is "
+                             "unique anyway: set id_column or drop unique_ids")
+        return unique_ids
 
 
 class PromptSpec(_Strict):

@@ -222,6 +222,46 @@ def test_output_holding_another_jobs_data_is_refused(parquet_input: Path) -> Non
     assert "--overwrite" in message
 
 
+@pytest.mark.parametrize(("fields", "expected"), [
+    ({"carry_columns": ["text"], "schema": {"rid": "int64"}},
+     "input.schema: found an object with fields ['rid']; column 'rid' is not in input.carry_columns ['text']; the "
+     "schema types the carried columns"),
+    ({"carry_columns": ["text"], "schema": {"text": "integer"}},
+     "input.schema: found an object with fields ['text']; column 'text': 'integer' is not an Arrow type name; use "
+     "one such as int64"),
+    ({"id_column": None, "unique_ids": True}, "input.unique_ids: found True; it needs input.id_column"),
+])
+def test_bad_carried_types_and_id_checks_name_the_field(parquet_input: Path, fields: dict, expected: str) -> None:
+    assert expected in str(planning_error(spec_of(parquet_input, input=fields)))
+
+
+def test_parquet_files_disagreeing_on_a_carried_columns_type_are_refused_at_planning(parquet_input: Path) -> None:
+    write_parquet(parquet_input / "input" / "c.parquet", [{"rid": "c0", "text": "x", "size": 3}])
+    write_parquet(parquet_input / "input" / "d.parquet", [{"rid": "d0", "text": "y", "size": "large"}])
+
+    message = str(planning_error(spec_of(parquet_input, input={"carry_columns": ["size"]})))
+
+    assert "column 'size' has types ['int64', 'string'] in different Parquet files" in message
+    assert "input.schema: {size: string}" in message
+
+
+def test_a_resume_writes_the_carried_types_its_job_record_keeps(tmp_path: Path) -> None:
+    """The job record fixes the types; a later plan of the same job takes them from there, not from the input again."""
+    storage.write_bytes(str(tmp_path / "input" / "a.jsonl"), b'{"rid": "a0", "text": "x", "n": 1}\n')
+    spec = spec_of(tmp_path, input={"format": "jsonl", "carry_columns": ["n"]})
+    first = plan_job(load_spec(spec))
+    assert first.carried == pa.schema([("n", pa.int64())])
+    claim_output(first)
+    record_file = tmp_path / "output" / driver.JOB_FILE
+    record = json.loads(record_file.read_text())
+    assert driver._schema_of(record["carried_schema"]) == first.carried
+    record["carried_schema"] = driver._schema_text(pa.schema([("n", pa.float64())]))  # as an earlier run fixed it
+    record_file.write_text(json.dumps(record))
+
+    assert plan_job(load_spec(spec)).carried == pa.schema([("n", pa.float64())])
+    assert plan_job(load_spec(spec), overwrite=True).carried == first.carried
+
+
 def test_output_holding_foreign_files_is_refused(parquet_input: Path) -> None:
     storage.write_bytes(str(parquet_input / "output" / "report.csv"), b"someone else's")
 
