@@ -1,20 +1,43 @@
-"""Shared fixtures: a real S3 server (SeaweedFS) on loopback, private caches, tiny Qwen checkpoints, local Ray."""
+"""Shared fixtures: a real S3 server (SeaweedFS) on loopback, private caches, tiny Qwen checkpoints, local Ray, and
+a `ray start --head` with the Jobs API. Each is started once per session and stopped by pid at its end."""
 
 from __future__ import annotations
 
+import json
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import psutil
 import pytest
 
 from s3server import S3Server  # tests/ is on sys.path: pytest puts conftest folders there
 
+# Lines of the family job's input that fail before the engine: an empty text and a line that is not JSON.
+FAMILY_BAD_LINES = ['{"rid": "bad-empty", "text": ""}', '{"rid": "bad-json", "text": ']
+FAMILY_MODELS = ("tiny-qwen2", "qwen3-think", "qwen3-unbounded")
+
+# What a fixture starts, as the marker a test using it (directly or through another fixture) gets.
+FIXTURE_MARKERS = {"s3": "s3", "cluster": "cluster", "ray_head": "cluster", "reviews_job": "engine",
+                   "family_job": "engine"}
+VENV_BIN = Path(sys.executable).parent
+
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Tests that use the `cluster` fixture of their module start a Ray cluster of their own: mark them so."""
+    """Mark each test by the services its fixtures start: the S3 server, a Ray cluster of its own (a module's
+    `cluster` fixture, or the session's `ray_head`), the engines of the session's finished jobs."""
     for item in items:
-        if "cluster" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.cluster)
+        for marker in {FIXTURE_MARKERS[name] for name in getattr(item, "fixturenames", ()) if name in FIXTURE_MARKERS}:
+            item.add_marker(marker)
 
 
 @pytest.fixture(scope="session")
@@ -55,3 +78,161 @@ def ray_local(s3: S3Server, tiny_models: dict[str, Path], tmp_path_factory: pyte
              _temp_dir=str(tmp_path_factory.mktemp("ray")), log_to_driver=True)
     yield
     ray.shutdown()
+
+
+@dataclass(frozen=True)
+class FinishedJob:
+    """A real job this session ran to its end: the spec it ran (a dict), its output folder, its manifest."""
+
+    spec: dict[str, Any]
+    output: Path
+    manifest: Any  # qwen_batch.schemas.results.JobManifest
+
+
+def run_finished_job(folder: Path, lines: list[str], rows_per_shard: int, **fields: Any) -> FinishedJob:
+    """Run a tiny job over these JSONL lines (id column `rid`, template column `text`) in `folder`."""
+    from qwen_batch.jobs.driver import run_job
+    from qwen_batch.schemas.spec import load_spec
+
+    (folder / "input").mkdir(parents=True)
+    (folder / "input" / "rows.jsonl").write_text("".join(line + "\n" for line in lines))
+    spec = {"input": {"path": str(folder / "input"), "format": "jsonl", "id_column": "rid",
+                      "rows_per_shard": rows_per_shard}, "output": {"path": str(folder / "out")}, **fields}
+    return FinishedJob(spec, folder / "out", run_job(load_spec(spec)))
+
+
+@pytest.fixture(scope="session")
+def reviews_job(ray_local: None, tmp_path_factory: pytest.TempPathFactory) -> FinishedJob:
+    """One tiny-qwen2 job over 12 good rows in 3 shards, greedy, 8 tokens a row; for the tests that need a real
+    job's output without errors (the report's, a stop string's rerun)."""
+    words = ["great", "broken", "late", "perfect", "cheap", "solid", "noisy", "bright"]
+    lines = [json.dumps({"rid": f"r{i:03d}", "text": " ".join(words[(i + k) % 8] for k in range(1 + i % 5))})
+             for i in range(12)]
+    return run_finished_job(
+        tmp_path_factory.mktemp("reviews-job"), lines, 4, name="reviews",
+        prompt={"system": "You label customer reviews.", "template": "Review: {text}\nIs it positive or negative?"},
+        model={"variant": "tiny-qwen2", "max_model_len": 512}, sampling={"max_tokens": 8, "temperature": 0, "seed": 0})
+
+
+@pytest.fixture(scope="session")
+def family_job(ray_local: None, tmp_path_factory: pytest.TempPathFactory) -> FinishedJob:
+    """One job of three models over every row (FAMILY_MODELS: Qwen2; Qwen3 thinking with a budget of 4 tokens;
+    Qwen3 thinking without one), 7 good rows and FAMILY_BAD_LINES in shards of 5, 12 tokens a row; then run again,
+    which recomputes nothing, so the manifest holds two runs. The fan-out tests and the report's read it."""
+    lines = [json.dumps({"rid": f"r{i:03d}", "text": f"review number {i} says the thing is fine"}) for i in range(7)]
+    models = [{"variant": "tiny-qwen2"},
+              {"variant": "tiny-qwen3", "name": FAMILY_MODELS[1], "thinking": "on", "thinking_budget": 4},
+              {"variant": "tiny-qwen3", "name": FAMILY_MODELS[2], "thinking": "on"}]
+    job = run_finished_job(tmp_path_factory.mktemp("family-job"), [*lines, *FAMILY_BAD_LINES], 5, name="family",
+                           prompt={"template": "Label this review: {text}"}, models=models,
+                           sampling={"max_tokens": 12, "temperature": 0})
+    from qwen_batch.jobs.driver import run_job
+    from qwen_batch.schemas.spec import load_spec
+
+    return FinishedJob(job.spec, job.output, run_job(load_spec(job.spec)))
+
+
+@dataclass(frozen=True)
+class RayHead:
+    """A running `ray start --head`: its Jobs API address, the file holding its auth token, and what finds the
+    processes it started (its session id and temp dir)."""
+
+    address: str
+    token_file: Path
+    session_id: int
+    temp_dir: str
+
+    def processes(self) -> set[psutil.Process]:
+        """Every process the head node started: its session (`ray start` ran in a new one), whatever runs in or
+        names its temp dir, and all their descendants (job drivers run in sessions of their own)."""
+        found: set[psutil.Process] = set()
+        for process in psutil.process_iter(["cmdline"]):
+            try:
+                if (os.getsid(process.pid) == self.session_id or self.temp_dir in " ".join(process.info["cmdline"] or [])
+                        or process.cwd().startswith(self.temp_dir)):
+                    found.add(process)
+            except (psutil.Error, OSError):
+                continue
+        for process in list(found):
+            try:
+                found.update(process.children(recursive=True))
+            except psutil.Error:
+                continue
+        found.discard(psutil.Process())
+        return found
+
+
+def free_ports(count: int) -> list[int]:
+    """Ports free on loopback right now, all different."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for probe in sockets:
+            probe.bind(("127.0.0.1", 0))
+        return [probe.getsockname()[1] for probe in sockets]
+    finally:
+        for probe in sockets:
+            probe.close()
+
+
+def stop_processes(processes: set[psutil.Process]) -> None:
+    for process in processes:
+        try:
+            process.terminate()
+        except psutil.Error:
+            continue
+    _, alive = psutil.wait_procs(processes, timeout=5)
+    for process in alive:
+        try:
+            process.kill()
+        except psutil.Error:
+            continue
+    psutil.wait_procs(alive, timeout=5)
+
+
+@pytest.fixture(scope="session")
+def ray_head(s3: S3Server, tiny_models: dict[str, Path]) -> Iterator[RayHead]:
+    """A head node of its own with token auth and the Jobs API, shared by the tests that submit to a cluster;
+    started after the S3 variables, private caches and tiny models are in place (it inherits os.environ), with the
+    venv first on PATH as if it were activated.
+
+    Not `ray stop --force` at the end: that kills every Ray process on the machine, the session's `ray_local` and
+    other users' clusters included. Only the processes this head node started are stopped.
+    """
+    from qwen_batch.jobs.submit import _client
+
+    temp_dir = tempfile.mkdtemp(prefix="qbr", dir="/tmp")  # short: Ray's unix socket paths must fit in 107 bytes
+    token_file = Path(temp_dir) / "auth_token"
+    token_file.write_text(secrets.token_hex(32))
+    gcs_port, dashboard_port, client_port, agent_port = free_ports(4)
+    env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
+           "RAY_AUTH_TOKEN_PATH": str(token_file)}
+    env.pop("RAY_ADDRESS", None)
+    env.pop("RAY_AUTH_TOKEN", None)
+    start = subprocess.Popen(
+        [str(VENV_BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(gcs_port),
+         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port), "--include-dashboard", "true",
+         "--ray-client-server-port", str(client_port), "--dashboard-agent-listen-port", str(agent_port),
+         "--num-cpus", "2", "--object-store-memory", str(256 << 20), "--temp-dir", temp_dir,
+         "--disable-usage-stats"],
+        env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    head = RayHead(f"http://127.0.0.1:{dashboard_port}", token_file, start.pid, temp_dir)
+    try:
+        output, _ = start.communicate(timeout=120)
+        assert start.returncode == 0, f"ray start failed:\n{output}"
+        with pytest.MonkeyPatch.context() as environment:
+            environment.setenv("RAY_AUTH_TOKEN_PATH", str(token_file))
+            environment.delenv("RAY_AUTH_TOKEN", raising=False)
+            environment.delenv("RAY_ADDRESS", raising=False)
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    _client(head.address).list_jobs()
+                    break
+                except ConnectionError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.5)
+            yield head
+    finally:
+        stop_processes(head.processes())
+        shutil.rmtree(temp_dir, ignore_errors=True)

@@ -1,11 +1,9 @@
-"""Tests for jobs.report: a fake job's output folder, the plotted numbers against its Parquet, a real browser."""
+"""Tests for jobs.report: real jobs' output folders, the plotted numbers against their Parquet, a real browser."""
 
 from __future__ import annotations
 
-import io
 import json
 import math
-import random
 import shutil
 import subprocess
 import uuid
@@ -20,115 +18,22 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
-from s3server import S3Server
 
+from conftest import FAMILY_MODELS, FinishedJob
 from qwen_batch.jobs.cli import main
-from qwen_batch.jobs.driver import MANIFEST_FILE, RUNS_DIR, versions
+from qwen_batch.jobs.driver import MANIFEST_FILE
 from qwen_batch.jobs.report import COLORS, REPORT_FILE, build_report, throughput, write_report
 from qwen_batch.pipelines import storage
-from qwen_batch.pipelines.write import Layout
-from qwen_batch.schemas.catalog import get_variant
-from qwen_batch.schemas.results import RESULT_SCHEMA, CommitRecord, JobManifest, RunRecord, Totals
+from qwen_batch.schemas.results import CommitRecord, JobManifest, Totals
+from s3server import S3Server
 
-VARIANTS = ("qwen2.5-7b-instruct", "qwen3-8b")
-ERROR_TYPES = {"prompt_too_long": "prompt is {n} tokens; the model takes at most 32768 minus max_tokens 512",
-               "invalid_json": "/data/reviews/part-3.jsonl line {n}: expected one JSON object per line"}
-MAX_TOKENS = 512
-ACCELERATOR_HOUR_USD = 3.2
-START = datetime(2025, 6, 2, 9, 30, tzinfo=timezone.utc)
+VARIANTS = FAMILY_MODELS
+ERROR_TYPES = {"empty_prompt", "invalid_json"}  # what FAMILY_BAD_LINES become
 PLOTS = ("throughput", "prompt_tokens", "completion_tokens", "cost_by_variant", "errors_by_type", "finish_reasons")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's `chromium` on PATH (CI installs it: "
                                     "apt-get install -y chromium)")
-
-
-def shard_table(variant: str, row_start: int, rows: int, error_rate: float, rng: random.Random) -> pa.Table:
-    """One shard's output rows in RESULT_SCHEMA, with costs at the variant's list prices as the write stage computes."""
-    prices = get_variant(variant)
-    columns: dict[str, list[Any]] = {name: [] for name in RESULT_SCHEMA.names}
-    for row in range(row_start, row_start + rows):
-        failed = rng.random() < error_rate
-        error_type = rng.choice(list(ERROR_TYPES)) if failed else None
-        prompt = 0 if failed else max(8, int(rng.lognormvariate(5.6, 0.5)))
-        completion = 0 if failed else min(MAX_TOKENS, int(rng.lognormvariate(5.0, 0.6)))
-        input_cost, output_cost = prompt * prices.input_per_mtok / 1e6, completion * prices.output_per_mtok / 1e6
-        values = {
-            "id": f"part-{row // 100}.jsonl:{row}", "variant": variant, "model": prices.hf_id,
-            "generated_text": None if failed else "answer " * (completion // 8),
-            "finish_reason": "error" if failed else "length" if completion == MAX_TOKENS else "stop",
-            "prompt_tokens": prompt, "completion_tokens": completion, "reasoning_tokens": 0,
-            "cached_tokens": 0 if failed else rng.choice([0, 0, 16, 32]), "total_tokens": prompt + completion,
-            "input_cost_usd": input_cost, "output_cost_usd": output_cost, "cost_usd": input_cost + output_cost,
-            "error_type": error_type, "error": ERROR_TYPES[error_type].format(n=row) if failed else None,
-            "source_file": f"/data/reviews/part-{row // 100}.jsonl", "source_row": row % 100,
-        }
-        for name in RESULT_SCHEMA.names:
-            columns[name].append(values.get(name))
-    return pa.table(columns, schema=RESULT_SCHEMA)
-
-
-def make_job(root: str, rows: int = 300, shard_rows: int = 25, error_rate: float = 0.06, seed: int = 7) -> JobManifest:
-    """A finished job's output folder, two models, two runs (the first stopped partway), written as a job writes it."""
-    rng, layout = random.Random(seed), Layout(root)
-    starts = [(variant, row_start) for variant in VARIANTS for row_start in range(0, rows, shard_rows)]
-    resumed_at = int(len(starts) * 0.6)
-    records: list[CommitRecord] = []
-    moment = START
-    for index, (variant, row_start) in enumerate(starts):
-        table = shard_table(variant, row_start, min(shard_rows, rows - row_start), error_rate, rng)
-        shard_id = f"{VARIANTS.index(variant)}{row_start:019d}"
-        data_file = layout.data_file(variant, shard_id)
-        buffer = io.BytesIO()
-        pq.write_table(table, buffer)
-        storage.write_bytes(layout.url(data_file), buffer.getvalue())
-        moment += timedelta(seconds=rng.uniform(3, 12) + (90 if index == resumed_at else 0))
-        records.append(CommitRecord(
-            shard_id=shard_id, variant=variant, data_file=data_file, source_file=table["source_file"][0].as_py(),
-            row_start=row_start, row_count=table.num_rows, run_id="run-1" if index < resumed_at else "run-2",
-            committed_at=moment.isoformat(timespec="seconds"),
-            totals=Totals.of_table(table, engine_seconds=rng.uniform(2.0, 6.0)),
-        ))
-        storage.write_bytes(layout.commit_url(variant, shard_id), records[-1].model_dump_json().encode())
-    runs: list[RunRecord] = []
-    for run_id, skipped in (("run-1", 0), ("run-2", resumed_at)):
-        mine = [r for r in records if r.run_id == run_id]
-        started = _time(mine[0].committed_at) - timedelta(seconds=40)
-        wall = (_time(mine[-1].committed_at) - started).total_seconds() + 2
-        run = RunRecord(run_id=run_id, started_at=started.isoformat(timespec="seconds"),
-                        finished_at=(started + timedelta(seconds=wall)).isoformat(timespec="seconds"),
-                        wall_seconds=wall, shards_planned=len(starts), shards_skipped=skipped,
-                        shards_committed=len(mine), accelerators=2, accelerator_seconds=2 * wall)
-        storage.write_bytes(layout.url(f"{RUNS_DIR}/{run_id}.json"), run.model_dump_json().encode())
-        runs.append(run)
-    return write_fake_manifest(root, records, runs)
-
-
-def write_fake_manifest(root: str, records: list[CommitRecord], runs: list[RunRecord]) -> JobManifest:
-    """The manifest as the driver builds it from the commit and run records (built here so no plan is needed)."""
-    per_variant: dict[str, Totals] = {}
-    for record in records:
-        per_variant[record.variant] = per_variant.get(record.variant, Totals()) + record.totals
-    totals = sum(per_variant.values(), Totals())
-    accelerator_seconds = sum(run.accelerator_seconds for run in runs)
-    compute_cost = accelerator_seconds / 3600 * ACCELERATOR_HOUR_USD
-    manifest = JobManifest(
-        job_id="reviews-0123456789abcdef", name="reviews", spec_hash="0123456789abcdef",
-        spec={"name": "reviews", "models": [{"variant": v} for v in VARIANTS], "output": {"path": root}},
-        output_path=root, started_at=runs[0].started_at, finished_at=runs[-1].finished_at, complete=True,
-        shards=len(records), rows_in=totals.rows, rows_ok=totals.rows_ok, rows_failed=totals.rows_failed,
-        totals=totals, per_variant=per_variant, runs=runs, wall_seconds=sum(run.wall_seconds for run in runs),
-        engine_seconds=totals.engine_seconds, output_tokens_per_s=totals.completion_tokens / totals.engine_seconds,
-        structured_validity_rate=None,
-        list_price_cost_usd=totals.cost_usd, accelerator_seconds=accelerator_seconds,
-        accelerator_hour_usd=ACCELERATOR_HOUR_USD, compute_cost_usd=compute_cost,
-        savings_usd=totals.cost_usd - compute_cost, versions=versions(),
-    )
-    storage.write_bytes(Layout(root).url(MANIFEST_FILE), manifest.model_dump_json(indent=2).encode())
-    return manifest
-
-
-def _time(iso: str) -> datetime:
-    return datetime.fromisoformat(iso)
+START = datetime(2025, 6, 2, 9, 30, tzinfo=timezone.utc)
 
 
 class FigureParser(HTMLParser):
@@ -176,10 +81,15 @@ def output_rows(root: Path) -> pa.Table:
 
 
 @pytest.fixture
-def job(tmp_path: Path) -> Path:
-    root = tmp_path / "out"
-    make_job(str(root))
-    return root
+def job(tmp_path: Path, family_job: FinishedJob) -> Path:
+    """A copy of the session's real three-model job (two runs, error rows), for a test to read or change."""
+    return Path(shutil.copytree(family_job.output, tmp_path / "out"))
+
+
+def commit_records(root: Path, variant: str) -> list[tuple[Path, CommitRecord]]:
+    """A model's commit records as the job wrote them, each with its file."""
+    return [(path, CommitRecord.model_validate_json(path.read_bytes()))
+            for path in sorted((root / "_commits" / variant).iterdir())]
 
 
 def test_plotted_values_equal_the_parquet_sums(job: Path) -> None:
@@ -235,12 +145,12 @@ def test_warns_when_the_manifest_disagrees_with_the_parquet(job: Path) -> None:
 
 def test_partial_job_without_manifest_reports_committed_shards_only(job: Path) -> None:
     (job / MANIFEST_FILE).unlink()
-    uncommitted = sorted((job / "_commits" / VARIANTS[1]).iterdir())[-1]
+    uncommitted, record = commit_records(job, VARIANTS[1])[-1]
     uncommitted.unlink()
     report = build_report(str(job))
     values = parse(report).values
     committed = pa.concat_tables(pq.read_table(path) for path in sorted(job.glob("*/part-*.parquet"))
-                                 if path.stem.removeprefix("part-") != uncommitted.stem)
+                                 if path != job / record.data_file)
     assert f"no {MANIFEST_FILE} yet" in report
     assert "1 data file(s) have no commit record" in report
     assert parse(report).warnings == []
@@ -249,10 +159,10 @@ def test_partial_job_without_manifest_reports_committed_shards_only(job: Path) -
     assert values["cost_by_variant"]["compute_usd"] is None
 
 
-def test_a_job_without_errors_says_so(tmp_path: Path) -> None:
-    make_job(str(tmp_path), rows=40, shard_rows=20, error_rate=0.0)
-    report = build_report(str(tmp_path))
+def test_a_job_without_errors_says_so(reviews_job: FinishedJob) -> None:
+    report = build_report(str(reviews_job.output))
     figures = parse(report)
+    assert reviews_job.manifest.rows_failed == 0 and figures.warnings == []
     assert figures.values["errors_by_type"] == {}
     assert figures.images["errors_by_type"] == 0
     assert ">no errors</p>" in report
@@ -282,12 +192,15 @@ def test_cli_writes_the_report_beside_the_output_or_to_out(job: Path, tmp_path: 
 
 
 @pytest.mark.s3
-def test_report_reads_and_writes_s3(s3: S3Server) -> None:
+def test_report_reads_and_writes_s3(s3: S3Server, reviews_job: FinishedJob) -> None:
     root = f"s3://{s3.bucket}/{uuid.uuid4().hex}/out"
-    make_job(root, rows=60, shard_rows=20)
+    for path in reviews_job.output.rglob("*"):
+        if path.is_file():
+            storage.write_bytes(f"{root}/{path.relative_to(reviews_job.output)}", path.read_bytes())
     assert write_report(root) == f"{root}/{REPORT_FILE}"
-    values = parse(storage.read_bytes(f"{root}/{REPORT_FILE}").decode()).values
-    assert sum(values["throughput"]["rows"]) == 2 * 60
+    figures = parse(storage.read_bytes(f"{root}/{REPORT_FILE}").decode())
+    assert sum(figures.values["throughput"]["rows"]) == reviews_job.manifest.rows_in == 12
+    assert figures.warnings == []
 
 
 def chromium(tmp_path: Path, *args: str) -> str:
