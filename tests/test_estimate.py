@@ -3,6 +3,7 @@ estimates from them, for catalog variants that are not downloaded and for a loca
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from statistics import fmean
@@ -14,7 +15,7 @@ from qwen_batch.cluster.planner import GPU_TYPES, estimate_run, plan_variant
 from qwen_batch.jobs.estimate import SAMPLE_ROWS, estimate_job
 from qwen_batch.schemas.spec import load_spec
 
-TEXTS = [f"review {i}: " + "good " * (i % 7) for i in range(SAMPLE_ROWS + 40)]
+TEXTS = tuple(f"review {i}: " + "good " * (i % 7) for i in range(SAMPLE_ROWS + 40))
 
 
 def spec(folder: Path, **model: Any) -> dict[str, Any]:
@@ -28,7 +29,8 @@ def spec(folder: Path, **model: Any) -> dict[str, Any]:
             "sampling": {"max_tokens": 64}, "output": {"path": str(folder / "output")}}
 
 
-def independent_counts(model_dir: Path, texts: list[str]) -> list[int]:
+@functools.cache
+def independent_counts(model_dir: Path, texts: tuple[str, ...]) -> list[int]:
     """Each text's prompt tokens: the checkpoint's own chat template (thinking off, the spec's default: Qwen3's
     template then adds an empty think block), rendered and tokenized by transformers."""
     from transformers import AutoTokenizer
