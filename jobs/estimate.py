@@ -10,6 +10,7 @@ from typing import Any
 
 from qwen_batch.cluster.planner import GPU_TYPES, GpuType, RunEstimate, VariantPlan, estimate_run, plan_variant
 from qwen_batch.jobs.driver import JobPlan, ModelPlan, model_dir, plan_job, stage_configs
+from qwen_batch.pipelines.adapters import engine_args
 from qwen_batch.pipelines.prompts import PromptStage
 from qwen_batch.pipelines.read import read_shard
 from qwen_batch.schemas.errors import SpecError
@@ -82,8 +83,10 @@ def estimate_job(spec: JobSpec, gpu_type: str, gpus: int) -> JobEstimate:
         tokenizer, tokenized_with = sample_tokenizer(model)
         prompt_tokens = sample_prompt_tokens(plan, model, tokenizer)
         mean_prompt = fmean(prompt_tokens) if prompt_tokens else 0.0
+        lora = engine_args(list(model.adapters), spec.engine.max_loras, on_cpu=False)
         gpu_plan = plan_variant(model.variant, gpu, gpus, model.max_model_len, spec.engine.gpu_memory_utilization,
-                                tensor_parallel_size=None if explicit == "auto" else explicit)
+                                tensor_parallel_size=None if explicit == "auto" else explicit,
+                                lora_slots=(lora.get("max_loras", 0), lora.get("max_lora_rank", 0)))
         models.append(ModelEstimate(
             name=model.name, shards_to_run=len(plan.todo(model)), gpu_plan=gpu_plan,
             prompt_tokens_per_row=mean_prompt, rows_sampled=len(prompt_tokens), tokenized_with=tokenized_with,

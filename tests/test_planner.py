@@ -243,3 +243,24 @@ def test_lognormal_lengths_are_deterministic_and_capped() -> None:
     lengths = lognormal_lengths(4096, median=24, sigma=1.0, cap=400, seed=3)
     assert lengths == lognormal_lengths(4096, median=24, sigma=1.0, cap=400, seed=3)
     assert min(lengths) >= 1 and max(lengths) == 400 and 20 <= sorted(lengths)[2048] <= 28
+
+
+def test_lora_slots_of_every_linear_module_take_kv_cache_room():
+    """vLLM gives each of a layer's seven linear modules max_loras slots of rank max_lora_rank, whatever modules the
+    adapters target; hand-computed for Qwen2.5-7B (hidden 3,584, 28 query and 4 KV heads of 128, MLP 18,944)."""
+    from qwen_batch.cluster.planner import lora_bytes, mlp_width
+
+    variant = get_variant("qwen2.5-7b-instruct")
+    assert abs(mlp_width(variant) - 18_944) / 18_944 < 0.002
+    mlp = mlp_width(variant)
+    per_rank = (3584 + 3584) + 2 * (3584 + 512) + (3584 + 3584) + 2 * (3584 + mlp) + (mlp + 3584)
+    assert lora_bytes(variant, 4, 16) == 4 * 16 * per_rank * 28 * 2
+    assert lora_bytes(variant, 0, 16) == 0.0
+    sharded = (3584 + 3584 / 2) + 2 * (3584 + 256) + (3584 / 2 + 3584) + 2 * (3584 + mlp / 2) + (mlp / 2 + 3584)
+    assert lora_bytes(variant, 4, 16, tensor_parallel_size=2) == 4 * 16 * sharded * 28 * 2
+    gpu = GPU_TYPES["h100-80gb"]
+    plain = plan_variant(variant, gpu, 1, 32_768)
+    tuned = plan_variant(variant, gpu, 1, 32_768, lora_slots=(8, 64))
+    assert tuned.lora_gib == lora_bytes(variant, 8, 64) / GIB and plain.lora_gib == 0.0
+    assert tuned.kv_cache_per_gpu_gib == pytest.approx(plain.kv_cache_per_gpu_gib - tuned.lora_gib)
+    assert tuned.max_concurrent_seqs < plain.max_concurrent_seqs and "GiB LoRA slots" in tuned.summary()
