@@ -678,7 +678,9 @@ def stage_configs(plan: JobPlan, model: ModelPlan, run_id: str,
                         logprobs=spec.input.format == "openai-batch",
                         adapter_prices={name: (_or(adapter.input_per_mtok, input_per_mtok),
                                                _or(adapter.output_per_mtok, output_per_mtok))
-                                        for name, adapter in model.spec.adapters.items()} if model.spec.adapters else None)
+                                        for name, adapter in model.spec.adapters.items()}
+                        # One output schema for the job: every model's files have the column if any model has adapters.
+                        if any(m.spec.adapters for m in plan.models) else None)
     return ReadConfig.of(spec.input, prompt_columns(spec), plan.carried), prompt, engine, write
 
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import boto3
 import pyarrow.parquet as pq
 import pytest
 
 from qwen_batch.jobs.driver import run_job
 from qwen_batch.pipelines.openai_batch import parse_request, response_line
 from qwen_batch.pipelines.structured import StructuredOutput
+from qwen_batch.schemas.catalog import get_variant
 from qwen_batch.schemas.errors import RowError
 from qwen_batch.schemas.spec import load_spec
 
@@ -107,27 +109,89 @@ def test_response_line_has_openais_output_shape_with_usage():
     assert response_line(row, "job-1", 1) ["id"] == line["id"], "ids must not change when a shard is rewritten"
 
 
+# Requests as they really come, for the tiny-qwen2 model and its two LoRA adapters: the developer role, content parts,
+# max_completion_tokens, logprobs, and `model` naming an adapter.
+CHAT = [{"role": "developer", "content": [{"type": "text", "text": "Be brief."}]},
+        {"role": "user", "content": [{"type": "text", "text": "Say hello."}, {"type": "text", "text": "Now."}]}]
+SAME_CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hello.\nNow."}]
+ADAPTER_LINES = [
+    json.dumps({"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions", "body": {
+        "model": model, "messages": CHAT, "max_completion_tokens": 8, **extra}})
+    for custom_id, model, extra in [
+        ("tuned-1", "support-v3", {"logprobs": True, "top_logprobs": 2}),
+        ("tuned-2", "legal-v1", {}),
+        ("base-1", "gpt-3.5-turbo-0125", {"logprobs": True}),
+        ("image-1", "support-v3", {"messages": [{"role": "user", "content": [
+            {"type": "text", "text": "What is it?"}, {"type": "image_url", "image_url": {"url": "s3://b/cat.png"}}]}]}),
+    ]
+]
+
+
+def reference_text(model_dir: Path, adapter_dir: Path | None, messages: list[dict[str, str]], tokens: int
+                   ) -> tuple[int, str]:
+    """(prompt tokens, greedy answer) from transformers itself, with the adapter merged into the weights as peft's
+    `merge_and_unload` does (W + alpha / r x B A): what vLLM's LoRA path must reproduce."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    if adapter_dir is not None:
+        config = json.loads((adapter_dir / "adapter_config.json").read_text())
+        weights = load_file(str(adapter_dir / "adapter_model.safetensors"))
+        for key, lora_a in weights.items():
+            if ".lora_A." in key:
+                module = model.get_submodule(key.removeprefix("base_model.model.").removesuffix(".lora_A.weight"))
+                module.weight.data += config["lora_alpha"] / config["r"] * weights[key.replace("lora_A", "lora_B")] @ lora_a
+    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=tokens, do_sample=False, eos_token_id=[151645, 151643])
+    return ids.shape[1], tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
 @pytest.mark.engine
-def test_openai_batch_file_in_and_out_changing_only_the_model_names(tmp_path: Path, ray_local):
+def test_openai_batch_file_in_and_out_changing_only_the_model_names(tmp_path: Path, ray_local, s3, tiny_models):
+    """One job for OpenAI batch files as they come: two models routed by body.model, two LoRA adapters of one of
+    them (one on S3, one local) named by body.model as well, content parts and the developer role, logprobs, and the
+    rows we cannot answer; every line is an `openai` ChatCompletion, and each answer is transformers' own."""
+    from openai.types.chat import ChatCompletion
+
+    from qwen_batch.jobs.tiny_lora import make_tiny_lora
+
+    support = make_tiny_lora(tiny_models["qwen2"], tmp_path / "lora" / "support-v3", rank=8, seed=1)
+    legal = make_tiny_lora(tiny_models["qwen2"], tmp_path / "lora" / "legal-v1", rank=16, seed=2,
+                           target_modules=("q_proj", "v_proj", "down_proj"))
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        boto3.client("s3").upload_file(str(support / name), s3.bucket, f"{tmp_path.name}/support-v3/{name}")
     batch = tmp_path / "batch" / "requests.jsonl"
     batch.parent.mkdir()
-    batch.write_text("\n".join(GUIDE_LINES + MORE_LINES) + "\n")
+    batch.write_text("\n".join(GUIDE_LINES + MORE_LINES + ADAPTER_LINES) + "\n")
+    cache = tmp_path / "adapter-cache"
     spec = {
         "name": "moved-off-openai",
         "input": {"path": str(batch), "format": "openai-batch"},
-        "models": [{"variant": "tiny-qwen2", "aliases": ["gpt-3.5-turbo-0125"]},
+        "models": [{"variant": "tiny-qwen2", "aliases": ["gpt-3.5-turbo-0125"], "adapters": {
+                        "support-v3": f"s3://{s3.bucket}/{tmp_path.name}/support-v3/",
+                        "legal-v1": {"path": str(legal), "output_per_mtok": 9.0}}},
                    {"variant": "tiny-qwen3", "aliases": ["gpt-4o-mini"]}],
         "route_column": "model",
         "sampling": {"max_tokens": 16, "temperature": 0},
+        "engine": {"env": {"QWEN_BATCH_ADAPTER_CACHE": str(cache)}},
         "output": {"path": str(tmp_path / "out"), "format": "openai-batch"},
     }
     manifest = run_job(load_spec(spec))
     rows = {r["id"]: r for r in pq.read_table(tmp_path / "out").to_pylist()}
     lines = {line["custom_id"]: line for line in map(json.loads, (tmp_path / "out/_openai/output.jsonl").open())}
-    assert set(rows) == set(lines) == {"request-1", "request-2", "request-3", "request-4"}
+    assert set(rows) == set(lines) == {"request-1", "request-2", "request-3", "request-4", "tuned-1", "tuned-2",
+                                       "base-1", "image-1"}
+    for custom_id, line in lines.items():
+        if line["response"] is not None:
+            ChatCompletion.model_validate(line["response"]["body"])
     for custom_id in ("request-1", "request-2"):
         row, body = rows[custom_id], lines[custom_id]["response"]["body"]
-        assert row["variant"] == "tiny-qwen2" and row["error_type"] is None
+        assert row["variant"] == "tiny-qwen2" and row["error_type"] is None and row["adapter"] is None
         assert row["completion_tokens"] <= 1000 and row["finish_reason"] in ("stop", "length")
         assert body["usage"]["prompt_tokens"] == row["prompt_tokens"]
         assert body["usage"]["completion_tokens"] == row["completion_tokens"]
@@ -135,7 +199,37 @@ def test_openai_batch_file_in_and_out_changing_only_the_model_names(tmp_path: Pa
     structured = rows["request-3"]
     assert structured["variant"] == "tiny-qwen3" and json.loads(structured["parsed"])["mood"] in ("happy", "sad")
     assert lines["request-4"]["response"] is None and lines["request-4"]["error"]["code"] == "invalid_request"
-    assert manifest.rows_in == 4 and manifest.rows_failed == 1 and manifest.structured_validity_rate == 1.0
+
+    # Each adapter answers its rows, and the base model the rest (the same chat, so the answers differ only by it).
+    variant = get_variant("tiny-qwen2")
+    for custom_id, adapter, adapter_dir, output_price in [("tuned-1", "support-v3", support, variant.output_per_mtok),
+                                                          ("tuned-2", "legal-v1", legal, 9.0),
+                                                          ("base-1", None, None, variant.output_per_mtok)]:
+        row, body = rows[custom_id], lines[custom_id]["response"]["body"]
+        assert (row["variant"], row["adapter"], row["error_type"]) == ("tiny-qwen2", adapter, None), custom_id
+        assert body["model"] == (adapter or "tiny-qwen2"), "the response names the model that answered"
+        assert (row["prompt_tokens"], row["generated_text"]) == reference_text(
+            tiny_models["qwen2"], adapter_dir, SAME_CHAT, row["completion_tokens"]), custom_id
+        assert row["completion_tokens"] == 8 and row["finish_reason"] == "length"
+        assert row["input_cost_usd"] == row["prompt_tokens"] * variant.input_per_mtok / 1e6
+        assert row["output_cost_usd"] == row["completion_tokens"] * output_price / 1e6
+    assert len({rows[c]["generated_text"] for c in ("tuned-1", "tuned-2", "base-1")}) == 3
+    # The S3 adapter was copied once to this node's cache; the local one is read where it is.
+    assert [p.name.split("-")[:2] for p in cache.iterdir() if not p.name.startswith(".")] == [["support", "v3"]]
+
+    tuned = rows["tuned-1"]["logprobs"]
+    assert len(tuned) == 8 and all(len(token["top_logprobs"]) == 2 for token in tuned)
+    assert all(token["top_logprobs"][0] == {"token": token["token"], "logprob": token["logprob"]} for token in tuned)
+    assert "".join(token["token"] for token in tuned) == rows["tuned-1"]["generated_text"]
+    content = lines["tuned-1"]["response"]["body"]["choices"][0]["logprobs"]["content"]
+    assert [t["token"] for t in content] == [t["token"] for t in tuned]
+    assert [len(t["top_logprobs"]) for t in rows["base-1"]["logprobs"]] == [0] * 8
+    assert rows["tuned-2"]["logprobs"] is None and lines["tuned-2"]["response"]["body"]["choices"][0]["logprobs"] is None
+    image = rows["image-1"]
+    assert image["error_type"] == "invalid_request" and "image" in image["error"]
+    assert image["completion_tokens"] == image["prompt_tokens"] == 0 and image["adapter"] is None
+    assert manifest.rows_in == 8 and manifest.rows_failed == 2 and manifest.structured_validity_rate == 1.0
+    assert manifest.totals.completion_tokens == sum(r["completion_tokens"] for r in rows.values())
 
 
 @pytest.mark.parametrize("body,message", [
