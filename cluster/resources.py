@@ -5,10 +5,10 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
-from qwen_batch.cluster.planner import GPU_TYPES, VariantPlan, plan_variant
+from qwen_batch.cluster.planner import GPU_TYPES, VariantPlan, plan_variant, weight_bytes
 from qwen_batch.schemas.catalog import ModelVariant
 from qwen_batch.schemas.errors import SpecError
 from qwen_batch.schemas.spec import JobSpec, ModelSpec, ReplicaRange
@@ -29,12 +29,13 @@ class NodeShape:
 
     cpus: float
     gpus: int
+    node_id: str = ""
 
     @classmethod
     def of_ray(cls, node: dict[str, Any]) -> NodeShape:
         """From an entry of `ray.nodes()`."""
         resources = node.get("Resources", {})
-        return cls(float(resources.get("CPU", 0)), int(resources.get("GPU", 0)))
+        return cls(float(resources.get("CPU", 0)), int(resources.get("GPU", 0)), node.get("NodeID", ""))
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,7 @@ class ReplicaPlan:
     num_gpus: int = 0
     max_replicas: int | None = None  # None: a fixed pool of `replicas`
     pipeline_parallel_size: int = 1
+    nodes: tuple[str, ...] = ()  # where the planner put each replica when models share the cluster (Ray node ids)
 
     @property
     def accelerators_per_replica(self) -> int:
@@ -65,6 +67,68 @@ class ReplicaPlan:
     def max_num_seqs(self) -> int:
         """Sequences each engine decodes at once."""
         return self.llm_kwargs["max_num_seqs"]
+
+
+    def placement(self) -> Placement:
+        """How Ray places this plan's engine actors."""
+        return Placement(self)
+
+
+class Placement:
+    """Where Ray puts each engine actor of one model, as `map_batches` arguments.
+
+    With vLLM's `ray` executor each replica gets a placement group of tensor x pipeline parallel bundles of one GPU
+    (the first also holds the actor's CPUs), STRICT_PACK on one node when there is one stage, PACK over nodes when
+    there are several; the actor runs inside it and captures its children, so vLLM's workers use those bundles (as
+    Ray Data LLM's vLLM stage does). Otherwise the actor holds its GPUs itself, and where models share the cluster,
+    each replica prefers the node the planner gave it (soft: a lost node's replica restarts elsewhere).
+    Ray Data calls the placement once per actor it starts (`ray_remote_args_fn`); `release()` frees the groups.
+    """
+
+    def __init__(self, plan: ReplicaPlan):
+        self.plan = plan
+        self.groups: list[Any] = []
+        self.started = 0
+
+    @property
+    def uses_groups(self) -> bool:
+        return self.plan.accelerator == "gpu" and self.plan.llm_kwargs["distributed_executor_backend"] == "ray"
+
+    def map_batches_args(self) -> dict[str, Any]:
+        """num_gpus and, where actors are placed one by one, ray_remote_args_fn."""
+        args: dict[str, Any] = {"num_gpus": self.plan.num_gpus} if self.plan.num_gpus else {}
+        if self.uses_groups or self.plan.nodes:
+            args["ray_remote_args_fn"] = self
+        return args
+
+    def __call__(self) -> dict[str, Any]:
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
+
+        index, self.started = self.started, self.started + 1
+        plan = self.plan
+        if self.uses_groups:
+            # Ray Data also calls this to read the arguments (its memory issue detector, periodically): past the
+            # pool's size, calls get the groups made already, so no call reserves GPUs no replica uses.
+            if len(self.groups) < (plan.max_replicas or plan.replicas):
+                bundles = [{"GPU": 1} for _ in range(plan.accelerators_per_replica)]
+                bundles[0]["CPU"] = plan.num_cpus
+                self.groups.append(ray.util.placement_group(
+                    bundles, strategy="STRICT_PACK" if plan.pipeline_parallel_size == 1 else "PACK"))
+            group = self.groups[index % len(self.groups)]
+            return {"scheduling_strategy": PlacementGroupSchedulingStrategy(
+                group, placement_group_capture_child_tasks=True)}
+        if index < len(plan.nodes) and plan.nodes[index]:
+            return {"scheduling_strategy": NodeAffinitySchedulingStrategy(plan.nodes[index], soft=True)}
+        return {}
+
+    def release(self) -> None:
+        """Remove the placement groups made for this model's replicas (their actors are gone with the job)."""
+        import ray
+
+        for group in self.groups:
+            ray.util.remove_placement_group(group)
+        self.groups.clear()
 
 
 def cluster_nodes() -> list[NodeShape]:
@@ -176,6 +240,63 @@ def plan_replicas(spec: JobSpec, model: ModelSpec, variant: ModelVariant, max_mo
     llm_kwargs.update(engine.extra_args)
     return ReplicaPlan(accelerator, tp, replicas, llm_kwargs, env, resources.cpus_per_replica, num_gpus, max_replicas,
                        pp)
+
+
+def plan_models(spec: JobSpec, models: Sequence[tuple[str, ModelSpec, ModelVariant, int]],
+                nodes: Sequence[NodeShape]) -> list[list[ReplicaPlan]]:
+    """Each model's plan (name, spec, variant, max_model_len in), in turns of models that run side by side.
+
+    Models run side by side when the cluster has room for one replica of each at once (or the pinned replicas of
+    each); the planner then splits the accelerators: every model one replica, then one more at a time to the model
+    holding the least per byte of weights (a decode step's cost), until none fits. With no such room, each model
+    runs alone on the whole cluster, one after another."""
+    plans = [plan_replicas(spec, model, variant, max_model_len, nodes) for _, model, variant, max_model_len in models]
+    if len(plans) == 1:
+        return [plans]
+    shared = _share(spec.resources.replicas, plans, [weight_bytes(variant) for _, _, variant, _ in models], nodes)
+    if shared is None:
+        log.warning("the Ray cluster has no room for a replica of each of the models %s at once: they run one after "
+                    "another, each on the whole cluster", [name for name, *_ in models])
+        return [[plan] for plan in plans]
+    return [shared]
+
+
+def _share(wanted: int | str | ReplicaRange, plans: list[ReplicaPlan], weights: list[float],
+           nodes: Sequence[NodeShape]) -> list[ReplicaPlan] | None:
+    """The plans with their replicas placed on the nodes together, or None when not every model fits at once."""
+    cpu = plans[0].accelerator == "cpu"
+    # What each node offers: its GPUs, or on CPU clusters room for one engine (which uses all its cores).
+    free = [int(node.cpus >= plans[0].num_cpus) if cpu else node.gpus for node in nodes]
+    placed: list[list[int]] = [[] for _ in plans]
+
+    def place(index: int) -> bool:
+        """One more replica of plans[index], each pipeline stage on the fullest node with room (best fit)."""
+        plan = plans[index]
+        need = 1 if cpu else plan.tensor_parallel_size
+        taken: list[int] = []
+        for _ in range(plan.pipeline_parallel_size):
+            room = [n for n in range(len(free)) if free[n] >= need]
+            if not room:
+                for n in taken:
+                    free[n] += need
+                return False
+            best = min(room, key=lambda n: free[n])
+            free[best] -= need
+            taken.append(best)
+        placed[index].append(taken[0])
+        return True
+
+    first = wanted if isinstance(wanted, int) else wanted.min if isinstance(wanted, ReplicaRange) else 1
+    biggest_first = sorted(range(len(plans)), key=lambda i: -plans[i].accelerators_per_replica)
+    if not all(place(i) for i in biggest_first for _ in range(first)):
+        return None
+    while wanted == "auto":
+        growing = sorted(range(len(plans)), key=lambda i: len(placed[i]) * plans[i].accelerators_per_replica
+                         / weights[i])
+        if not any(place(i) for i in growing):
+            break
+    return [replace(plan, replicas=len(where), nodes=tuple(nodes[n].node_id for n in where))
+            for plan, where in zip(plans, placed)]
 
 
 def replica_count(wanted: int | str | ReplicaRange, accelerator: str, tensor_parallel_size: int,

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from importlib import metadata
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
@@ -32,11 +33,15 @@ from qwen_batch.pipelines.prompts import AdapterChoice, PromptConfig, Routes
 from qwen_batch.pipelines.read import (COLUMN_SAMPLE_ROWS, ReadConfig, Shard, carried_schema, find_repeated_ids,
                                        input_schema, plan_shards)
 from qwen_batch.pipelines.structured import StructuredOutput
+from qwen_batch.pipelines.weights import MODEL_DIR_ENV, checkpoint_files, is_remote, model_dir  # noqa: F401
 from qwen_batch.pipelines.write import OPENAI_DIR, Layout, WriteConfig, read_commit
 from qwen_batch.schemas.catalog import ModelVariant, get_variant
 from qwen_batch.schemas.errors import SpecError
 from qwen_batch.schemas.results import CommitRecord, JobManifest, LeaseRecord, RunRecord, Totals
 from qwen_batch.schemas.spec import JobSpec, ModelSpec
+
+if TYPE_CHECKING:
+    from qwen_batch.cluster.resources import ReplicaPlan
 
 log = logging.getLogger(__name__)
 
@@ -49,12 +54,6 @@ LEASE_TTL_S = 120.0
 """A lease whose holder has not renewed it for this long is free (its driver died without releasing it)."""
 HEARTBEAT_S = 30.0
 """How often a run renews its lease and rewrites its run record."""
-MODEL_DIR_ENV = "QWEN_BATCH_MODEL_DIR"
-
-
-def model_dir() -> Path:
-    """Folder holding local checkpoints by Hugging Face id (`<dir>/Qwen/Qwen2.5-7B-Instruct`)."""
-    return Path(os.environ.get(MODEL_DIR_ENV) or Path.home() / ".cache" / "qwen-batch" / "models")
 
 
 @dataclass(frozen=True)
@@ -139,6 +138,11 @@ def plan_job(spec: JobSpec, *, overwrite: bool = False) -> JobPlan:
         if spec.sampling.max_tokens >= max_model_len:
             problems.append(f"sampling.max_tokens: found {spec.sampling.max_tokens}; it must be below {where} "
                             f"max_model_len {max_model_len} to leave room for the prompt")
+        if is_remote(loads):
+            try:
+                checkpoint_files(loads)
+            except SpecError as error:
+                problems.append(str(error))
         if model.thinking == "on" and not variant.thinking:
             problems.append(f"{where}.thinking: found 'on'; {variant.name} has no thinking mode")
         adapters, adapter_problems = _check_adapters(where, model, variant, loads)
@@ -375,13 +379,10 @@ def run_job(spec: JobSpec, *, address: str | None = None, overwrite: bool = Fals
 
 
 def _run(plan: JobPlan, run: RunAccount, address: str | None, verbose: bool) -> None:
-    """The run itself: claim the output, then each model's uncommitted shards on Ray."""
-    import ray
-
+    """The run itself: claim the output, then the models' uncommitted shards on Ray, side by side where the cluster
+    has room for every model at once (cluster.resources.plan_models), else one model after another."""
     from qwen_batch.cluster.local import job_log_file, ray_cluster, ray_output
-    from qwen_batch.cluster.resources import check_node_paths, cluster_nodes, plan_replicas
-    from qwen_batch.pipelines.engine import new_crash_ledger
-    from qwen_batch.pipelines.pipeline import build_dataset
+    from qwen_batch.cluster.resources import check_node_paths, cluster_nodes, plan_models
 
     spec, run_id = plan.spec, run.run_id
     errors = ErrorRate(spec.limits.max_error_rate, spec.limits.min_rows_before_check)
@@ -392,23 +393,42 @@ def _run(plan: JobPlan, run: RunAccount, address: str | None, verbose: bool) -> 
         for model, todo in work:
             log.info("job %s, model %s: %d shards, %d rows; %d already committed, %d to run", plan.job_id,
                      model.name, len(plan.shards), plan.rows, len(model.committed), len(todo))
-        if any(todo for _, todo in work):
+        work = [(model, todo) for model, todo in work if todo]
+        if work:
             with ray_output(job_log_file(plan.job_id, run_id), verbose=verbose), ray_cluster(address):
                 check_node_paths(spec, [model.model for model in plan.models])
                 if spec.input.checks_unique_ids:
                     work = _with_repeated_ids(plan, work)
-                for model, todo in work:
-                    if not todo:
-                        continue
-                    model_started = time.monotonic()
-                    replicas = plan_replicas(spec, model.spec, model.variant, model.max_model_len,
-                                             cluster_nodes())
-                    ledger = new_crash_ledger()
-                    dataset = build_dataset(todo, *stage_configs(plan, model, run_id, replicas.llm_kwargs),
-                                            replicas, ledger)
-                    with run.holding(replicas.accelerators):
-                        run.shards_committed += _follow(dataset, model.name, todo, model_started, errors)
-                    run.engine_restarts += ray.get(ledger.engine_restarts.remote())
+                turns = plan_models(spec, [(m.name, m.spec, m.variant, m.max_model_len) for m, _ in work],
+                                    cluster_nodes())
+                for turn in turns:
+                    _run_turn(plan, run, work[:len(turn)], turn, errors)
+                    work = work[len(turn):]
+
+
+def _run_turn(plan: JobPlan, run: RunAccount, work: list[tuple[ModelPlan, list[Shard]]],
+              replicas: list[ReplicaPlan], errors: ErrorRate) -> None:
+    """Models side by side on one pipeline that reads each of their uncommitted shards once."""
+    import ray
+
+    from qwen_batch.pipelines.engine import new_crash_ledger
+    from qwen_batch.pipelines.pipeline import ModelStages, build_dataset
+
+    started = time.monotonic()
+    models = []
+    for (model, todo), replica_plan in zip(work, replicas):
+        read, prompt, engine, write = stage_configs(plan, model, run.run_id, replica_plan.llm_kwargs)
+        models.append(ModelStages(prompt, engine, write, replica_plan.placement(),
+                                  frozenset(s.shard_id for s in todo), new_crash_ledger()))
+    shards = [s for s in plan.shards if any(s.shard_id in m.shards for m in models)]
+    dataset = build_dataset(shards, read, models)
+    try:
+        with run.holding(sum(r.accelerators for r in replicas)):
+            run.shards_committed += _follow(dataset, plan, work, started, errors)
+    finally:
+        for model in models:
+            model.placement.release()
+    run.engine_restarts += sum(ray.get([model.ledger.engine_restarts.remote() for model in models]))
 
 
 def _with_repeated_ids(plan: JobPlan, work: list[tuple[ModelPlan, list[Shard]]]) -> list[tuple[ModelPlan, list[Shard]]]:
@@ -630,11 +650,17 @@ def _is_live(holder: LeaseRecord) -> bool:
     return True
 
 
-def _follow(dataset, model: str, todo: list[Shard], started: float, errors: ErrorRate) -> int:
+def _follow(dataset, plan: JobPlan, work: list[tuple[ModelPlan, list[Shard]]], started: float,
+            errors: ErrorRate) -> int:
     """Run the dataset, showing its progress as shards commit (see jobs.progress); the number of shards committed.
     Stops the dataset (ErrorRateExceeded) once the error rows pass the spec's limit."""
     committed = 0
-    with Progress(model, sum(s.row_count for s in todo), len(todo), started=started) as progress:
+    running = {s.shard_id for _, todo in work for s in todo}
+    # Routed rows are answered by one model each; otherwise every model answers every row.
+    rows = (sum(s.row_count for s in plan.shards if s.shard_id in running) if plan.spec.route_column
+            else sum(s.row_count for _, todo in work for s in todo))
+    with Progress(", ".join(model.name for model, _ in work), rows, sum(len(todo) for _, todo in work),
+                  started=started) as progress:
         for summary in dataset.iter_rows():
             committed += summary["committed"]
             progress.update(summary)

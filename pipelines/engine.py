@@ -32,6 +32,7 @@ import ray
 from qwen_batch.pipelines import adapters as lora
 from qwen_batch.pipelines.stage import Stage, with_errors
 from qwen_batch.pipelines.structured import StructuredOutput
+from qwen_batch.pipelines.weights import local_checkpoint
 from qwen_batch.schemas.results import LOGPROBS_FIELD
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,7 @@ class EngineConfig:
     llm_kwargs: dict[str, Any]
     sampling: dict[str, Any]
     seed: int | None
+    rows_of: str | None = None  # in a job of several models, the one whose rows this engine answers
     thinking: bool = False
     thinking_budget: int | None = None
     structured: StructuredOutput | None = None
@@ -204,7 +206,8 @@ class EngineStage(Stage):
 
     def __init__(self, config: EngineConfig):
         started = time.monotonic()
-        self.config = config
+        config = replace(config, model=local_checkpoint(config.model))  # a copy on this node if remote
+        self.config, self.rows_of = config, config.rows_of
         self.lora_requests = self._lora_requests()
         self.engine = new_llm_engine(self._with_lora_args(config))
         self.tokenizer = self.engine.get_tokenizer()
@@ -216,7 +219,7 @@ class EngineStage(Stage):
         threading.Thread(target=self._feed, name="engine-feeder", daemon=True).start()
         log.info("engine for %s ready in %.1f s", config.model, time.monotonic() - started)
 
-    def __call__(self, block: pa.Table) -> pa.Table:
+    def process(self, block: pa.Table) -> pa.Table:
         from vllm.inputs import TokensPrompt
 
         self.check(block)

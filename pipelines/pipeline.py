@@ -1,18 +1,26 @@
-"""The Ray Data pipeline: read shards -> prompts -> engine actors -> write and commit, one block per shard."""
+"""The Ray Data pipeline: read shards -> prompts -> engine actors -> write and commit, one block per shard.
+
+A job of several models reads its input once: each shard's rows are copied once per model that has not committed
+the shard yet (tagged MODEL_COLUMN), and every model's prompt and engine stages run side by side on their own actor
+pools, each working on its own rows only (see pipelines.stage); one write stage commits each model's shards.
+"""
 
 from __future__ import annotations
 
-from dataclasses import replace
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from typing import Any
+
+import pyarrow as pa
 
 import ray
 from ray.data import ActorPoolStrategy, Dataset
 
-from qwen_batch.cluster.resources import ReplicaPlan
+from qwen_batch.cluster.resources import Placement
 from qwen_batch.pipelines.engine import EngineConfig, EngineStage, shards_in_flight
 from qwen_batch.pipelines.prompts import PromptConfig, PromptStage
 from qwen_batch.pipelines.read import BLOCK_SCHEMA, ReadConfig, Shard, ShardDatasource
-from qwen_batch.pipelines.stage import check_wiring
+from qwen_batch.pipelines.stage import MODEL_COLUMN, check_wiring
 from qwen_batch.pipelines.write import WriteConfig, WriteStage
 
 # Logical CPUs asked for by the light stages, so that on a small node they never starve the engine actor.
@@ -24,30 +32,75 @@ WRITE_CPUS = 0.25
 MAX_BLOCK_BYTES = 4 << 30
 
 
-def build_dataset(shards: list[Shard], read: ReadConfig, prompt: PromptConfig, engine: EngineConfig,
-                  write: WriteConfig, replicas: ReplicaPlan, ledger: Any) -> Dataset:
-    """A lazy dataset whose rows are one summary per committed shard; iterating it runs the job. `ledger` is the
-    run's CrashLedger (pipelines.engine), which also counts engine restarts."""
+@dataclass(frozen=True)
+class ModelStages:
+    """One model of a job on the pipeline: its stages' settings, its engine pool, and the shards it still runs."""
+
+    prompt: PromptConfig
+    engine: EngineConfig
+    write: WriteConfig
+    placement: Placement  # its replica plan, and where Ray puts each replica
+    shards: frozenset[str]  # ids of the shards this model has not committed
+    ledger: Any = None  # the model's CrashLedger (pipelines.engine), which also counts its engine restarts
+
+    @property
+    def name(self) -> str:
+        """The model's name in the output and in MODEL_COLUMN."""
+        return self.write.variant
+
+
+def build_dataset(shards: list[Shard], read: ReadConfig, models: Sequence[ModelStages]) -> Dataset:
+    """A lazy dataset whose rows are one summary per committed (model, shard); iterating it runs the job. `shards`
+    are those any of the models still runs; each is read once."""
     check_wiring([*BLOCK_SCHEMA.names, *read.carry_columns], [PromptStage, EngineStage, WriteStage])
     dataset = ray.data.read_datasource(ShardDatasource(shards, read), override_num_blocks=len(shards),
                                        num_cpus=READ_CPUS)
     # The dataset's own copy of the DataContext: every later stage inherits it, the process-wide one is untouched.
     dataset.context.target_max_block_size = MAX_BLOCK_BYTES
     dataset.context.enable_progress_bars = False
+    # Fused into the read tasks by Ray Data: no extra pass over the rows.
+    dataset = dataset.map_batches(_CopyPerModel({m.name: m.shards for m in models}), batch_size=None,
+                                  batch_format="pyarrow", num_cpus=READ_CPUS)
+    for model in models:
+        dataset = _model_stages(dataset, model, shards)
+    return dataset.map_batches(WriteStage(*(m.write for m in models)), batch_size=None, batch_format="pyarrow",
+                               num_cpus=WRITE_CPUS)
+
+
+def _model_stages(dataset: Dataset, model: ModelStages, shards: list[Shard]) -> Dataset:
+    """The model's prompt and engine stages, each on its own actor pool, sized from the model's replicas."""
+    replicas = model.placement.plan
     most_replicas = replicas.max_replicas or replicas.replicas
     # Templating and tokenizing scale with the engines: up to one prompt actor per replica.
     dataset = dataset.map_batches(
-        PromptStage, fn_constructor_args=(prompt,), batch_size=None, batch_format="pyarrow", num_cpus=PROMPT_CPUS,
-        compute=ActorPoolStrategy(min_size=1, max_size=most_replicas),
+        PromptStage, fn_constructor_args=(replace(model.prompt, rows_of=model.name),), batch_size=None,
+        batch_format="pyarrow", num_cpus=PROMPT_CPUS, compute=ActorPoolStrategy(min_size=1, max_size=most_replicas),
     )
-    mean_rows = max(1, round(sum(s.row_count for s in shards) / len(shards)))
+    own = [s for s in shards if s.shard_id in model.shards] or shards
+    mean_rows = max(1, round(sum(s.row_count for s in own) / len(own)))
     calls = min(shards_in_flight(replicas.max_num_seqs, mean_rows), 2 * replicas.max_num_seqs + 1)
-    dataset = dataset.map_batches(
-        EngineStage, fn_constructor_args=(replace(engine, ledger=ledger),), batch_size=None, batch_format="pyarrow",
+    return dataset.map_batches(
+        EngineStage, fn_constructor_args=(replace(model.engine, ledger=model.ledger, rows_of=model.name),),
+        batch_size=None, batch_format="pyarrow",
         # Several shards run at each engine at once (see pipelines.engine), one more waits ready behind them.
         compute=ActorPoolStrategy(min_size=replicas.replicas, max_size=most_replicas,
                                   max_concurrent_calls_per_actor=calls, max_tasks_in_flight_per_actor=calls + 1,
                                   enable_true_multi_threading=True),
-        num_cpus=replicas.num_cpus, num_gpus=replicas.num_gpus or None, runtime_env={"env_vars": replicas.env},
+        num_cpus=replicas.num_cpus, runtime_env={"env_vars": replicas.env}, **model.placement.map_batches_args(),
     )
-    return dataset.map_batches(WriteStage(write), batch_size=None, batch_format="pyarrow", num_cpus=WRITE_CPUS)
+
+
+class _CopyPerModel:
+    """A shard's rows once for each model that has not committed the shard, each copy tagged with its model."""
+
+    def __init__(self, todo: dict[str, frozenset[str]]):
+        self.todo = todo
+
+    def __call__(self, block: pa.Table) -> pa.Table:
+        shards = block.column("_shard").to_pylist()
+        copies = []
+        for model, todo in self.todo.items():
+            rows = block.filter(pa.array([shard in todo for shard in shards]))
+            if rows.num_rows:
+                copies.append(rows.append_column(MODEL_COLUMN, pa.array([model] * rows.num_rows, pa.string())))
+        return pa.concat_tables(copies)

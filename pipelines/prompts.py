@@ -12,6 +12,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from qwen_batch.pipelines.weights import local_checkpoint
 from qwen_batch.pipelines.stage import Stage, with_errors
 from qwen_batch.schemas.errors import RowError
 
@@ -73,6 +74,7 @@ class PromptConfig:
     adapters: AdapterChoice | None = None
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
     generation_suffix: str = ""
+    rows_of: str | None = None  # in a job of several models, the one whose rows this stage tokenizes
 
 
 class PromptStage(Stage):
@@ -93,12 +95,12 @@ class PromptStage(Stage):
     def __init__(self, config: PromptConfig):
         from transformers import AutoTokenizer
 
-        self.config = config
-        self.encoder = ChatEncoder(AutoTokenizer.from_pretrained(config.tokenizer), config.chat_template_kwargs,
+        self.config, self.rows_of = config, config.rows_of
+        self.encoder = ChatEncoder(AutoTokenizer.from_pretrained(local_checkpoint(config.tokenizer)), config.chat_template_kwargs,
                                    config.generation_suffix)
         self.pieces = list(string.Formatter().parse(config.template)) if config.template is not None else []
 
-    def __call__(self, block: pa.Table) -> pa.Table:
+    def process(self, block: pa.Table) -> pa.Table:
         self.check(block)
         error_types = block.column("_error_type").to_pylist()
         errors = block.column("_error").to_pylist()

@@ -6,13 +6,42 @@ from collections.abc import Sequence
 from typing import ClassVar
 
 import pyarrow as pa
+import pyarrow.compute as pc
+
+MODEL_COLUMN = "_model"
+"""Names the model a row is for: a job's models share one read, each shard's rows copied once per model."""
 
 
 class Stage:
-    """A callable over one shard's Arrow block; subclasses name their input and output columns."""
+    """A callable over one shard's Arrow block; subclasses name their input and output columns.
+
+    A stage serving one model of a job (`rows_of` set) processes only that model's rows of a block (by MODEL_COLUMN)
+    and passes the other models' rows on unchanged, so one read feeds every model's stages in turn."""
 
     requires: ClassVar[dict[str, str]] = {}
     produces: ClassVar[dict[str, str]] = {}
+    rows_of: str | None = None
+
+    def __call__(self, block: pa.Table) -> pa.Table:
+        if self.rows_of is None or MODEL_COLUMN not in block.column_names:
+            return self.process(block)
+        mine = pc.equal(block.column(MODEL_COLUMN), self.rows_of)
+        if not pc.any(mine).as_py():
+            return block
+        # Columns this stage adds may be there already, from another model's stage: this one's rows get them anew.
+        done = self.process(block.filter(mine).drop_columns([c for c in self.produces if c in block.column_names]))
+        others = block.filter(pc.invert(mine))
+        if not others.num_rows:
+            return done
+        for name in self.produces:
+            if name not in others.column_names:
+                field = done.schema.field(name)
+                others = others.append_column(field, pa.nulls(others.num_rows, field.type))
+        return pa.concat_tables([done, others.select(done.column_names)])
+
+    def process(self, block: pa.Table) -> pa.Table:
+        """The stage's work on a block of rows that are all its own."""
+        raise NotImplementedError
 
     def check(self, block: pa.Table) -> None:
         """Fail naming the missing columns when a block lacks what this stage needs."""

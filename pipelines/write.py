@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 from qwen_batch.pipelines import storage
 from qwen_batch.pipelines.metrics import record_commit
 from qwen_batch.pipelines.openai_batch import response_line
-from qwen_batch.pipelines.stage import Stage
+from qwen_batch.pipelines.stage import MODEL_COLUMN, Stage
 from qwen_batch.schemas.results import ADAPTER_FIELD, LOGPROBS_FIELD, RESULT_SCHEMA, CommitRecord, Totals
 
 COMMITS_DIR = "_commits"
@@ -111,28 +111,34 @@ class WriteStage(Stage):
         "_batch_seconds": "engine busy time the row spent in the running batch",
     }
     produces = {
-        "shard_id": "committed shard", "committed": "false if an earlier writer had committed it",
+        "model": "the model whose output the shard is", "shard_id": "committed shard", "committed": "false if an earlier writer had committed it",
         "rows": "rows in the shard", "rows_failed": "error rows", "completion_tokens": "tokens generated",
         "cost_usd": "list-price cost of the shard",
     }
 
-    def __init__(self, config: WriteConfig):
-        self.config = config
+    def __init__(self, *configs: WriteConfig):
+        self.configs = {config.variant: config for config in configs}
 
     def __call__(self, block: pa.Table) -> pa.Table:
         self.check(block)
-        # Ray may hand several whole shards over as one block; each is written and committed on its own.
-        return _summary_table([self.commit_shard(block.filter(pc.equal(block.column("_shard"), shard)))
-                               for shard in pc.unique(block.column("_shard")).to_pylist()])
+        # Ray may hand several whole shards over as one block, and in a job of several models each shard's rows come
+        # once per model (MODEL_COLUMN); each model's shard is written and committed on its own.
+        if MODEL_COLUMN in block.column_names:
+            models = [(model, block.filter(pc.equal(block.column(MODEL_COLUMN), model)))
+                      for model in pc.unique(block.column(MODEL_COLUMN)).to_pylist()]
+        else:
+            models = [(next(iter(self.configs)), block)]
+        return _summary_table([(model, *self.commit_shard(rows.filter(pc.equal(rows.column("_shard"), shard)),
+                                                          self.configs[model]))
+                               for model, rows in models for shard in pc.unique(rows.column("_shard")).to_pylist()])
 
-    def commit_shard(self, rows: pa.Table) -> tuple[str, bool, Totals]:
-        """Write one shard's rows and commit them; refuse a partial shard rather than commit it."""
+    def commit_shard(self, rows: pa.Table, config: WriteConfig) -> tuple[str, bool, Totals]:
+        """Write one shard's rows for one model and commit them; refuse a partial shard rather than commit it."""
         shard, expected = rows.column("_shard")[0].as_py(), rows.column("_shard_rows")[0].as_py()
         if rows.num_rows != expected:
             raise RuntimeError(f"shard {shard} reached the write stage with {rows.num_rows} of its {expected} rows: "
                                "Ray split its block, and a partial shard is never committed. Lower "
                                "input.rows_per_shard so each shard stays well below Ray's block size.")
-        config = self.config
         source_file, row_start = rows.column("source_file")[0].as_py(), int(pc.min(rows.column("source_row")).as_py())
         table = results_table(rows.filter(pc.invert(rows.column("_skip"))), config)
         commit_url = config.layout.commit_url(config.variant, shard)
@@ -171,15 +177,16 @@ class WriteStage(Stage):
         return shard, committed, totals
 
 
-def _summary_table(shards: list[tuple[str, bool, Totals]]) -> pa.Table:
-    """One row per shard (id, committed now, totals): what the driver follows progress with."""
+def _summary_table(shards: list[tuple[str, str, bool, Totals]]) -> pa.Table:
+    """One row per model and shard (model, shard id, committed now, totals): what the driver follows progress with."""
     return pa.table({
-        "shard_id": pa.array([s for s, _, _ in shards], pa.string()),
-        "committed": pa.array([c for _, c, _ in shards], pa.bool_()),
-        "rows": pa.array([t.rows for _, _, t in shards], pa.int64()),
-        "rows_failed": pa.array([t.rows_failed for _, _, t in shards], pa.int64()),
-        "completion_tokens": pa.array([t.completion_tokens for _, _, t in shards], pa.int64()),
-        "cost_usd": pa.array([t.cost_usd for _, _, t in shards], pa.float64()),
+        "model": pa.array([m for m, _, _, _ in shards], pa.string()),
+        "shard_id": pa.array([s for _, s, _, _ in shards], pa.string()),
+        "committed": pa.array([c for _, _, c, _ in shards], pa.bool_()),
+        "rows": pa.array([t.rows for _, _, _, t in shards], pa.int64()),
+        "rows_failed": pa.array([t.rows_failed for _, _, _, t in shards], pa.int64()),
+        "completion_tokens": pa.array([t.completion_tokens for _, _, _, t in shards], pa.int64()),
+        "cost_usd": pa.array([t.cost_usd for _, _, _, t in shards], pa.float64()),
     })
 
 

@@ -237,8 +237,8 @@ class ModelSpec(_Strict):
     variant: str | None = Field(None, description="A catalog name (see `qwen-batch models`), e.g. `qwen2.5-7b-instruct`.")
     path: str | None = Field(
         None,
-        description="A local checkpoint folder or Hugging Face id to load instead of a catalog variant; needs `like` "
-        "for its prices and defaults.",
+        description="A checkpoint to load instead of a catalog variant: a local folder, a Hugging Face id, or a "
+        "folder on s3:// or gs:// (copied once to each node); needs `like` for its prices and defaults.",
     )
     like: str | None = Field(
         None, description="With `path`: the catalog variant whose prices, context length and defaults apply."

@@ -1026,10 +1026,10 @@ def fake_cluster(monkeypatch: pytest.MonkeyPatch, follow) -> None:
     from qwen_batch.cluster import resources
     from qwen_batch.pipelines import pipeline
 
-    monkeypatch.setattr(resources, "plan_replicas", lambda *args: type("Replicas", (), {"accelerators": 3,
-                                                                                       "llm_kwargs": {}})())
+    replicas = resources.ReplicaPlan("gpu", 1, 3, {}, {}, 1.0, num_gpus=1)
+    monkeypatch.setattr(resources, "plan_models", lambda spec, models, nodes: [[replicas] * len(models)])
     monkeypatch.setattr(pipeline, "build_dataset", lambda *args, **kwargs: None)
-    monkeypatch.setattr(driver, "_follow", lambda dataset, model, todo, started, errors: follow())
+    monkeypatch.setattr(driver, "_follow", lambda dataset, plan, work, started, errors: follow())
 
 
 def run_records(root: Path) -> list[dict[str, Any]]:

@@ -112,6 +112,62 @@ def test_replicas_auto_run_one_engine_per_worker_node(cluster: Any, s3: Any, tmp
     assert engine_actor_nodes(cluster) == workers
 
 
+def engine_tasks(cluster: Any, actor_ids: set[str]) -> dict[str, list[tuple[int, int]]]:
+    """(start, end) in ms of each finished call on these engine actors, by actor id, from Ray's state API."""
+    from ray.util.state import list_tasks
+
+    tasks = list_tasks(address=f"http://{cluster.webui_url}", filters=[("type", "=", "ACTOR_TASK")], limit=10_000,
+                       detail=True, raise_on_missing_output=False)
+    calls: dict[str, list[tuple[int, int]]] = {}
+    for task in tasks:
+        if task.actor_id in actor_ids and task.state == "FINISHED" and task.start_time_ms and task.end_time_ms:
+            calls.setdefault(task.actor_id, []).append((task.start_time_ms, task.end_time_ms))
+    return calls
+
+
+def test_two_models_run_side_by_side_on_their_own_nodes_from_one_read(cluster: Any, s3: Any, tmp_path: Path) -> None:
+    from ray.util.state import list_tasks
+
+    # Long enough that each engine still has work once the other is up (engine starts share this machine's cores).
+    rows = 320
+    spec_file, output = write_job(s3, tmp_path, "side-by-side", rows=rows, max_tokens=32)
+    spec = yaml.safe_load(spec_file.read_text())
+    del spec["model"]
+    spec["models"] = [{"variant": "tiny-qwen2", "max_model_len": 256}, {"variant": "tiny-qwen3", "max_model_len": 256}]
+    spec_file.write_text(yaml.safe_dump(spec))
+    before = {actor.actor_id for actor in engine_actors(cluster)}
+
+    done = run_driver(cluster, spec_file)
+
+    assert done.returncode == 0, done.stderr[-3000:]
+    fs, path = storage.filesystem(output)
+    table = pq.read_table(path, filesystem=fs, columns=["id", "variant"]).to_pylist()
+    assert sorted((r["variant"], r["id"]) for r in table) == sorted(
+        (variant, f"q{i:04d}") for variant in ("tiny-qwen2", "tiny-qwen3") for i in range(rows))
+    manifest = json.loads(storage.read_bytes(f"{output}/_manifest.json"))
+    assert manifest["complete"] and {name: totals["rows"] for name, totals in manifest["per_variant"].items()} == {
+        "tiny-qwen2": rows, "tiny-qwen3": rows}
+    run = manifest["runs"][-1]
+    assert run["accelerators"] == 2 and run["shards_committed"] == 2 * rows // ROWS_PER_SHARD
+    # One engine per model, each on a worker node of its own, as the planner placed them.
+    engines = [actor for actor in engine_actors(cluster) if actor.actor_id not in before]
+    assert len(engines) == 2 and {actor.node_id for actor in engines} == {n.node_id for n in cluster.worker_nodes}
+    # Both engines were generating at the same time: from the first call one started to the last call it finished,
+    # the spans of the two engines overlap.
+    calls = engine_tasks(cluster, {actor.actor_id for actor in engines})
+    assert len(calls) == 2, calls
+    spans = [(min(s for s, _ in c), max(e for _, e in c)) for c in calls.values()]
+    overlap = min(e for _, e in spans) - max(s for s, _ in spans)
+    print(f"engine busy spans {[(e - s) / 1000 for s, e in spans]} s, overlapping {overlap / 1000:.1f} s")
+    assert overlap > 0, spans
+    # The input was read once: one read task per shard, not one per model.
+    job = engines[0].job_id
+    reads = [t for t in list_tasks(address=f"http://{cluster.webui_url}", filters=[("job_id", "=", job)],
+                                   limit=10_000, detail=True, raise_on_missing_output=False)
+             if t.name.startswith("ReadShard") and t.state == "FINISHED"]
+    assert len(reads) == rows // ROWS_PER_SHARD, [t.name for t in reads]
+
+
 def test_a_local_output_path_is_refused_on_a_multi_node_cluster(cluster: Any, s3: Any, tmp_path: Path) -> None:
     spec_file, _ = write_job(s3, tmp_path, "local-output")
     spec = yaml.safe_load(spec_file.read_text())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from qwen_batch.cluster.resources import NodeShape, plan_replicas
+from qwen_batch.cluster.resources import NodeShape, plan_models, plan_replicas
 from qwen_batch.schemas.catalog import get_variant
 from qwen_batch.schemas.errors import SpecError
 from qwen_batch.schemas.spec import load_spec
@@ -140,3 +140,43 @@ def test_pipeline_parallelism_needs_the_ray_executor_and_gpus():
         replicas(job, 32768, 0, nodes(2, 8))
     with pytest.raises(SpecError, match="pipeline parallelism spans GPU nodes"):
         replicas(spec("tiny-qwen2", resources={"pipeline_parallel_size": 2}), 512, 0)
+
+
+def two_models(first: dict, second: dict, **sections):
+    job = load_spec({**BASE, "models": [first, second], **sections})
+    return job, [(m.output_name, m, get_variant(m.catalog_name), m.max_model_len or 4096) for m in job.variants]
+
+
+def test_models_side_by_side_split_the_gpus_so_each_replica_has_a_node_with_room():
+    job, models = two_models({"variant": "qwen2.5-7b-instruct"},
+                             {"variant": "qwen2.5-72b-instruct", "max_model_len": 8192})
+    cluster = [NodeShape(16, 4, "n0"), NodeShape(16, 4, "n1")]
+    (turn,) = plan_models(job, models, cluster)
+    small, big = turn
+    # The 72B replica needs a whole 4-GPU node: it gets one, and the 7B replicas fill the other, not both halves.
+    assert (big.tensor_parallel_size, big.replicas, big.nodes) == (4, 1, ("n0",))
+    assert (small.tensor_parallel_size, small.replicas, small.nodes) == (1, 4, ("n1",) * 4)
+
+
+def test_models_side_by_side_share_gpus_by_weight_bytes():
+    job, models = two_models({"variant": "qwen2.5-7b-instruct"}, {"variant": "qwen2.5-14b-instruct"},
+                             resources={"tensor_parallel_size": 1})
+    small, big = plan_models(job, models, nodes(1, 8))[0]
+    assert small.replicas + big.replicas == 8 and big.replicas > small.replicas
+
+
+def test_cpu_models_side_by_side_get_a_worker_node_each():
+    job, models = two_models({"variant": "tiny-qwen2"}, {"variant": "tiny-qwen3"})
+    cluster = [NodeShape(0, 0, "head"), NodeShape(2, 0, "w1"), NodeShape(2, 0, "w2")]
+    (turn,) = plan_models(job, models, cluster)
+    assert [(p.replicas, p.nodes) for p in turn] == [(1, ("w1",)), (1, ("w2",))]
+
+
+def test_models_without_room_together_run_in_turns_on_the_whole_cluster():
+    job, models = two_models({"variant": "tiny-qwen2"}, {"variant": "tiny-qwen3"})
+    turns = plan_models(job, models, [NodeShape(2, 0, "only")])
+    assert [[p.replicas for p in turn] for turn in turns] == [[1], [1]]
+    job, models = two_models({"variant": "qwen2.5-7b-instruct"}, {"variant": "qwen2.5-7b-instruct", "name": "again"},
+                             resources={"replicas": 3})
+    assert [[p.replicas for p in turn] for turn in plan_models(job, models, nodes(1, 4))] == [[3], [3]]
+    assert [[p.replicas for p in turn] for turn in plan_models(job, models, nodes(1, 8))] == [[3, 3]]

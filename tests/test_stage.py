@@ -79,3 +79,40 @@ def test_stage_check_names_the_stage_and_the_columns_it_has() -> None:
 def test_stage_check_passes_when_the_columns_are_there() -> None:
     assert Upper()(pa.table({"text": ["x"]})).column("upper").to_pylist() == ["X"]
     check_wiring(["text"], [Upper])
+
+
+class Tagged(Stage):
+    """Upper-cases its own model's rows, as a model's prompt or engine stage works on its rows only."""
+
+    requires = {"text": "text to upper-case"}
+    produces = {"upper": "the text in capitals", "length": "characters"}
+
+    def __init__(self, model: str):
+        self.rows_of = model
+        self.seen: list[list[str]] = []
+
+    def process(self, block: pa.Table) -> pa.Table:
+        self.seen.append(block.column("text").to_pylist())
+        texts = block.column("text").to_pylist()
+        return (block.append_column("upper", pa.array([t.upper() for t in texts]))
+                .append_column("length", pa.array([len(t) for t in texts], pa.int64())))
+
+
+def test_a_model_stage_works_on_its_own_rows_and_passes_the_others_on() -> None:
+    block = pa.table({"text": ["a", "bb", "ccc", "dd"], "_model": ["m1", "m2", "m1", "m2"]})
+    first, second = Tagged("m1"), Tagged("m2")
+
+    after_first = first(block)
+    done = second(after_first)
+
+    assert first.seen == [["a", "ccc"]] and second.seen == [["bb", "dd"]]
+    assert after_first.filter(pa.compute.equal(after_first["_model"], "m2"))["upper"].null_count == 2
+    rows = sorted(done.to_pylist(), key=lambda r: r["text"])
+    assert [(r["text"], r["_model"], r["upper"], r["length"]) for r in rows] == [
+        ("a", "m1", "A", 1), ("bb", "m2", "BB", 2), ("ccc", "m1", "CCC", 3), ("dd", "m2", "DD", 2)]
+
+
+def test_a_model_stage_passes_a_block_without_its_rows_through_untouched() -> None:
+    block = pa.table({"text": ["a"], "_model": ["m2"]})
+    stage = Tagged("m1")
+    assert stage(block) is block and stage.seen == []

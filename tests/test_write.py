@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import threading
 import uuid
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -167,7 +168,7 @@ def test_write_stage_writes_the_shard_file_and_a_commit_record(tmp_path: Path) -
     assert (record.source_file, record.row_start, record.row_count, record.run_id) == ("/data/in.jsonl", 40, 5, "run-1")
     assert record.totals == Totals.of_table(results_table(block, config), engine_seconds=2.5, batch_seconds=7.5)
     assert summary.to_pylist() == [{
-        "shard_id": SHARD, "committed": True, "rows": 5, "rows_failed": 2, "completion_tokens": 78 + 256 + 1,
+        "model": VARIANT, "shard_id": SHARD, "committed": True, "rows": 5, "rows_failed": 2, "completion_tokens": 78 + 256 + 1,
         "cost_usd": record.totals.cost_usd,
     }]
 
@@ -271,6 +272,24 @@ def test_a_block_holding_two_whole_shards_commits_each(tmp_path: Path) -> None:
         written = pq.read_table(tmp_path / "out" / record.data_file)
         assert written.equals(results_table(block, write_config(tmp_path / "out")))
         assert record.row_count == block.num_rows
+
+
+def test_a_block_of_two_models_commits_each_models_shard_under_its_own_name(tmp_path: Path) -> None:
+    first = write_config(tmp_path / "out")
+    second = replace(first, variant="second")
+    block = engine_block()
+    tagged = pa.concat_tables([block.append_column("_model", pa.array([name] * block.num_rows))
+                               for name in (VARIANT, "second")])
+
+    summary = WriteStage(first, second)(tagged)
+
+    assert summary.select(["model", "shard_id", "committed", "rows"]).to_pylist() == [
+        {"model": VARIANT, "shard_id": SHARD, "committed": True, "rows": len(ROWS)},
+        {"model": "second", "shard_id": SHARD, "committed": True, "rows": len(ROWS)}]
+    for config in (first, second):
+        record = read_commit((tmp_path / "out" / COMMITS_DIR / config.variant / f"{SHARD}.json").read_bytes())
+        written = pq.read_table(tmp_path / "out" / record.data_file)
+        assert record.variant == config.variant and written.column("variant").to_pylist() == [config.variant] * 5
 
 
 def test_a_partial_shard_is_refused_and_nothing_is_written(tmp_path: Path) -> None:
