@@ -26,19 +26,6 @@ MIXED_TEXTS = [
     "It's we'LL they've I'M 1,000,000.99$",
 ]
 
-ENGINE_SCRIPT = """
-import json, sys
-from vllm import LLM, SamplingParams
-from vllm.inputs import TokensPrompt
-
-llm = LLM(
-    model=sys.argv[1], enforce_eager=True, distributed_executor_backend="uni", max_model_len=512
-)
-outputs = llm.generate([TokensPrompt(prompt_token_ids=[14990, 1879])], SamplingParams(max_tokens=4, temperature=0.0))
-print(json.dumps({"token_ids": list(outputs[0].outputs[0].token_ids)}))
-"""
-
-
 @pytest.fixture(scope="module")
 def qwen2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_model("qwen2", tmp_path_factory.mktemp("qwen2"))
@@ -200,25 +187,30 @@ def test_unknown_arch_is_rejected(tmp_path: Path) -> None:
         make_tiny_model("qwen4", tmp_path)  # type: ignore[arg-type]
 
 
-@pytest.mark.engine
-def test_vllm_generates_greedy_tokens_from_qwen2_checkpoint(qwen2_dir: Path, tmp_path: Path) -> None:
-    # In a subprocess: an in-process engine pins torch threads, seeds the global RNG and binds memory process-wide.
-    env = {
-        **os.environ,
-        "VLLM_CPU_KVCACHE_SPACE": "1",
-        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-        "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
-        "VLLM_CACHE_ROOT": str(tmp_path / "vllm"),
-        "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"),
-        "XDG_CACHE_HOME": str(tmp_path / "xdg"),
-    }
-    result = subprocess.run(
-        [sys.executable, "-c", ENGINE_SCRIPT, str(qwen2_dir)],
-        env=env, capture_output=True, text=True, timeout=300, check=False,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    token_ids = json.loads(result.stdout.strip().splitlines()[-1])["token_ids"]
-    assert len(token_ids) == 4
+def test_vllm_answers_as_the_qwen2_checkpoint_computes_greedily(reviews_job, tiny_models: dict[str, Path]) -> None:
+    """The session's reviews job ran tiny-qwen2 in vLLM: every answer is the checkpoint's own greedy continuation,
+    as transformers computes it from the same chat-templated prompt."""
+    import pyarrow.parquet as pq
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models["qwen2"])
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["qwen2"], dtype=torch.float32)
+    spec = reviews_job.spec
+    lines = Path(spec["input"]["path"], "rows.jsonl").read_text().splitlines()
+    texts = {row["rid"]: row["text"] for row in map(json.loads, lines)}
+    rows = pq.read_table(reviews_job.output).to_pylist()
+    assert sorted(row["id"] for row in rows) == sorted(texts)
+    for row in rows:
+        messages = [{"role": "system", "content": spec["prompt"]["system"]},
+                    {"role": "user", "content": spec["prompt"]["template"].replace("{text}", texts[row["id"]])}]
+        prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            generated = model.generate(ids, max_new_tokens=spec["sampling"]["max_tokens"], do_sample=False)[0]
+        answer = generated[ids.shape[1]:].tolist()
+        assert row["prompt_tokens"] == ids.shape[1] and row["completion_tokens"] == len(answer), row["id"]
+        assert row["generated_text"] == tokenizer.decode(answer, skip_special_tokens=True), row["id"]
 
 
 @pytest.fixture(scope="module")
