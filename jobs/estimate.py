@@ -8,7 +8,9 @@ from pathlib import Path
 from statistics import fmean
 from typing import Any
 
-from qwen_batch.cluster.planner import GPU_TYPES, GpuType, RunEstimate, VariantPlan, estimate_run, plan_variant
+from qwen_batch.cluster.planner import (GPU_TYPES, MAX_TENSOR_PARALLEL, GpuType, RunEstimate, VariantPlan,
+                                        estimate_run, plan_variant)
+from qwen_batch.cluster.resources import NodeShape, plan_models
 from qwen_batch.jobs.driver import JobPlan, ModelPlan, model_dir, plan_job, stage_configs
 from qwen_batch.pipelines.adapters import engine_args
 from qwen_batch.pipelines.prompts import PromptStage
@@ -78,8 +80,9 @@ def estimate_job(spec: JobSpec, gpu_type: str, gpus: int) -> JobEstimate:
                         + (f"; did you mean {close[0]!r}?" if close else ""))
     plan = plan_job(spec)
     explicit = spec.resources.tensor_parallel_size
+    shares = side_by_side_replicas(spec, plan, gpu_type, gpus)
     models = []
-    for model in plan.models:
+    for index, model in enumerate(plan.models):
         tokenizer, tokenized_with = sample_tokenizer(model)
         prompt_tokens = sample_prompt_tokens(plan, model, tokenizer)
         mean_prompt = fmean(prompt_tokens) if prompt_tokens else 0.0
@@ -87,12 +90,26 @@ def estimate_job(spec: JobSpec, gpu_type: str, gpus: int) -> JobEstimate:
         gpu_plan = plan_variant(model.variant, gpu, gpus, model.max_model_len, spec.engine.gpu_memory_utilization,
                                 tensor_parallel_size=None if explicit == "auto" else explicit,
                                 lora_slots=(lora.get("max_loras", 0), lora.get("max_lora_rank", 0)))
+        if shares is not None:
+            gpu_plan = replace(gpu_plan, replicas=shares[index])
         models.append(ModelEstimate(
             name=model.name, shards_to_run=len(plan.todo(model)), gpu_plan=gpu_plan,
             prompt_tokens_per_row=mean_prompt, rows_sampled=len(prompt_tokens), tokenized_with=tokenized_with,
             max_tokens=spec.sampling.max_tokens,
             run=estimate_run(gpu_plan, gpu, plan.rows, mean_prompt, spec.sampling.max_tokens)))
     return JobEstimate(job_id=plan.job_id, rows=plan.rows, shards=len(plan.shards), gpu=gpu, gpus=gpus, models=models)
+
+
+def side_by_side_replicas(spec: JobSpec, plan: JobPlan, gpu_type: str, gpus: int) -> list[int] | None:
+    """Each model's replicas when the job's models share `gpus` GPUs of nodes of MAX_TENSOR_PARALLEL, as `run` splits
+    a cluster (cluster.resources.plan_models); None for one model, or for models that run in turns."""
+    if len(plan.models) < 2:
+        return None
+    shared = spec.model_copy(update={"resources": spec.resources.model_copy(update={"gpu_type": gpu_type})})
+    nodes = [NodeShape(cpus=64, gpus=min(MAX_TENSOR_PARALLEL, gpus - first))
+             for first in range(0, gpus, MAX_TENSOR_PARALLEL)]
+    turns = plan_models(shared, [(m.name, m.spec, m.variant, m.max_model_len) for m in plan.models], nodes)
+    return [replicas.replicas for replicas in turns[0]] if len(turns) == 1 else None
 
 
 def sample_tokenizer(model: ModelPlan) -> tuple[str, str]:

@@ -72,3 +72,19 @@ def test_a_local_checkpoint_is_sampled_with_its_own_tokenizer(tmp_path: Path, ti
     assert model.tokenized_with == f"tokenized with {tiny_models['qwen3']}"
     assert model.prompt_tokens_per_row == pytest.approx(fmean(independent_counts(tiny_models["qwen3"],
                                                                                  TEXTS[:SAMPLE_ROWS])))
+
+
+def test_models_side_by_side_are_planned_on_their_share_of_the_gpus_as_run_splits_them(
+        tmp_path: Path, tiny_models: dict[str, Path]) -> None:
+    job = spec(tmp_path, variant="qwen2.5-7b-instruct")
+    del job["model"]
+    job["models"] = [{"variant": "qwen2.5-7b-instruct", "max_model_len": 8192},
+                     {"variant": "qwen2.5-72b-instruct", "max_model_len": 8192}]
+
+    small, big = estimate_job(load_spec(job), "h100-80gb", 8).models
+
+    # The 72B replica takes 4 GPUs of the 8-GPU node, the 7B replicas the other 4; each model's run is estimated on
+    # its own replicas, not on all 8 GPUs.
+    assert (big.gpu_plan.tensor_parallel_size, big.gpu_plan.replicas) == (4, 1)
+    assert (small.gpu_plan.tensor_parallel_size, small.gpu_plan.replicas) == (1, 4)
+    assert big.run.gpu_hours == pytest.approx(big.run.hours * 4)
