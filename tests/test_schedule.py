@@ -171,25 +171,23 @@ def test_validate_takes_the_logical_date(tmp_path: Path, capsys: pytest.CaptureF
     assert "--logical-date: found '28.11.2026'" in capsys.readouterr().err
 
 
-def test_submit_passes_the_logical_date_to_run_on_the_cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    submitted: dict[str, Any] = {}
-
-    class Client:
-        def submit_job(self, **arguments: Any) -> str:
-            submitted.update(arguments)
-            return "raysubmit_1"
-
-    monkeypatch.setattr(submit, "_client", lambda address: Client())
-    job = write_dated_job(tmp_path, [])
+def test_submit_passes_the_logical_date_to_run_on_the_cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                               ray_head):
+    """On the session's real head: the run there fills `{ds}` with the date given here, not with its own env."""
+    job = write_dated_job(tmp_path, [])  # no input for the date: the run on the cluster fails naming the path
     monkeypatch.setenv(LOGICAL_DATE_ENV, "2026-11-28T02:00:00Z")  # the cluster does not see this machine's env
-    assert submit.submit_job(str(job), "http://head:8265", extra_args=["--overwrite"]) == "raysubmit_1"
-    assert submitted["entrypoint"] == ("python -m qwen_batch.jobs.cli run job.yaml --logical-date 2026-11-28T02:00:00+00:00 "
-                                       "--overwrite")
-    assert submitted["metadata"] == {"qwen_batch_job": "events-20261128"}
+    submission_id = submit.submit_job(str(job), ray_head.address, extra_args=["--overwrite"])
+
+    info = submit._client(ray_head.address).get_job_info(submission_id)
+    assert info.entrypoint == ("python -m qwen_batch.jobs.cli run job.yaml --logical-date 2026-11-28T02:00:00+00:00 "
+                               "--overwrite")
+    assert info.metadata == {"qwen_batch_job": "events-20261128"}
+    assert submit.wait_job(ray_head.address, submission_id, timeout_s=120, poll_s=0.5) == "FAILED"
+    logs = next(submit.job_logs(ray_head.address, submission_id))
+    assert f"no input files at {tmp_path / 'events' / '2026-11-28'}: the path does not exist" in logs, logs[-3000:]
 
 
 @pytest.mark.engine
-@pytest.mark.s3
 def test_a_rerun_of_a_slot_resumes_and_a_new_slot_writes_its_own_path(tmp_path: Path, ray_local, tiny_models,
                                                                        caplog: pytest.LogCaptureFixture):
     from qwen_batch.jobs.driver import run_job
