@@ -223,6 +223,9 @@ def plan_replicas(spec: JobSpec, model: ModelSpec, variant: ModelVariant, max_mo
         # JSON from a weak or random model pads whitespace until max_tokens unless the grammar forbids it; the
         # per-request flag is ignored, so it is set for the engine.
         llm_kwargs["structured_outputs_config"] = {"backend": "xgrammar", "disable_any_whitespace": True}
+    if variant.vision_params_b is not None:
+        # Images only: with no video input vLLM profiles no video at start-up.
+        llm_kwargs["limit_mm_per_prompt"] = {"image": spec.images.max_per_row, "video": 0}
     llm_kwargs["max_num_seqs"] = engine.max_num_seqs or default_max_num_seqs(spec, accelerator, tp)
     env: dict[str, str] = {}
     num_gpus = 0

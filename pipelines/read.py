@@ -9,6 +9,7 @@ with one scanner (_RecordEnds), so they always agree on where each record starts
 
 from __future__ import annotations
 
+import base64
 import csv
 import hashlib
 import io
@@ -658,7 +659,10 @@ _MISSING = _Missing()
 
 
 def _describe_value(value: Any) -> dict[str, str]:
-    """JSON stand-in for a value JSON cannot hold, so the validate stage can name its type."""
+    """JSON stand-in for a value JSON cannot hold: bytes (an image column's) as base64, else its type, so the prompt
+    stage can name it."""
+    if isinstance(value, bytes):
+        return {"$bytes": base64.b64encode(value).decode("ascii")}
     return {"$missing": "column"} if value is _MISSING else {"$type": type(value).__name__}
 
 

@@ -17,7 +17,7 @@ from qwen_batch.pipelines import storage
 from qwen_batch.pipelines.metrics import record_commit
 from qwen_batch.pipelines.openai_batch import response_line
 from qwen_batch.pipelines.stage import MODEL_COLUMN, Stage
-from qwen_batch.schemas.results import ADAPTER_FIELD, LOGPROBS_FIELD, RESULT_SCHEMA, CommitRecord, Totals
+from qwen_batch.schemas.results import ADAPTER_FIELD, IMAGES_FIELD, LOGPROBS_FIELD, RESULT_SCHEMA, CommitRecord, Totals
 
 COMMITS_DIR = "_commits"
 ANSWERED_ERROR = "invalid_structured_output"
@@ -80,6 +80,7 @@ class WriteConfig:
     openai_output: bool = False
     job_id: str = ""
     logprobs: bool = False  # the output has the `logprobs` column (OpenAI batch input, whose requests may ask)
+    images: bool = False  # the output has the `images` column (a model with a vision tower)
     adapter_prices: dict[str, tuple[float, float]] | None = None
     """(input, output) USD per 1M tokens of each LoRA adapter's rows; set when the model has adapters, which puts the
     `adapter` column in the output."""
@@ -101,6 +102,7 @@ class WriteStage(Stage):
         "completion_token_ids": "token ids the engine generated",
         "finish_reason": "`stop`, `length`, or `error`",
         "logprobs": "generated tokens with their logprobs, for rows whose request asked",
+        "images": "each of the row's images with the prompt tokens the engine gave it, null without images",
         "_adapter": "LoRA adapter that answered the row, null for the base model",
         "_skip": "true for rows another model of the job answers",
         "prompt_tokens": "prompt tokens the engine counted",
@@ -240,6 +242,8 @@ def results_table(block: pa.Table, config: WriteConfig) -> pa.Table:
     if config.adapter_prices is not None:
         table = table.append_column(ADAPTER_FIELD, pc.if_else(failed, pa.scalar(None, pa.string()),
                                                               block.column("_adapter")))
+    if config.images:
+        table = table.append_column(IMAGES_FIELD, block.column(IMAGES_FIELD.name))
     for field in config.carried:
         table = table.append_column(field, block.column(field.name).cast(field.type))
     return table

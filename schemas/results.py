@@ -40,7 +40,17 @@ LOGPROBS_FIELD = pa.field("logprobs", pa.list_(pa.struct(
 ADAPTER_FIELD = pa.field("adapter", pa.string())
 """The LoRA adapter that answered the row (null: the base model, or no answer): a column of jobs whose model has
 adapters, after the ones above."""
-RESULT_COLUMNS = frozenset([*RESULT_SCHEMA.names, LOGPROBS_FIELD.name, ADAPTER_FIELD.name])
+IMAGES_FIELD = pa.field("images", pa.list_(pa.struct([
+    ("source", pa.string()),  # a display URL or path, `data:<media type>`, or `column '<name>'` for bytes
+    ("format", pa.string()),  # Pillow's name of the encoding: JPEG, PNG, WEBP, ...
+    ("width", pa.int64()),
+    ("height", pa.int64()),
+    ("bytes", pa.int64()),  # encoded size
+    ("tokens", pa.int64()),  # prompt tokens the engine gave the image (counted in prompt_tokens); 0 if unanswered
+])))
+"""Each of the row's images in prompt order, null for rows without images: a column of jobs whose model has a vision
+tower, after the ones above."""
+RESULT_COLUMNS = frozenset([*RESULT_SCHEMA.names, LOGPROBS_FIELD.name, IMAGES_FIELD.name, ADAPTER_FIELD.name])
 
 
 class Totals(BaseModel):

@@ -511,6 +511,10 @@ class ImagesSpec(_Strict):
         "pixels)."
     )
     fetch_timeout_s: float = Field(30.0, gt=0, description="Seconds an http(s) image may take to arrive.")
+    max_per_row: int = Field(
+        8, ge=1, description="Most images one row may carry (a row with more is an `invalid_request` error row); the "
+        "engine takes this many per prompt. prompt.images columns count for every row."
+    )
 
 
 class LimitsSpec(_Strict):
@@ -591,6 +595,9 @@ class JobSpec(_Strict):
         if self.prompt.images and blind:
             raise ValueError(f"prompt.images gives rows images, but {blind} has no vision tower; use a Qwen2.5-VL "
                              "variant (`qwen-batch models` lists them) or drop prompt.images")
+        if len(self.prompt.images) > self.images.max_per_row:
+            raise ValueError(f"prompt.images names {len(self.prompt.images)} columns, over images.max_per_row "
+                             f"({self.images.max_per_row}); raise the limit or give fewer columns")
         return self
 
     @model_validator(mode="after")

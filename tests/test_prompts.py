@@ -161,9 +161,9 @@ def test_output_block_keeps_every_column_and_adds_int32_token_ids(template_stage
 
     out = template_stage(block)
 
-    assert out.column_names == [*block.column_names, "prompt_token_ids", "_skip", "_adapter"]
+    assert out.column_names == [*block.column_names, *PromptStage.produces]
     assert out.schema.field("prompt_token_ids").type == pa.list_(pa.int32())
-    assert out.drop_columns(["prompt_token_ids", "_skip", "_adapter"]).equals(block)
+    assert out.drop_columns(list(PromptStage.produces)).equals(block)
     assert out.column("_skip").to_pylist() == [False]
 
 
@@ -305,14 +305,16 @@ def test_openai_content_parts_and_developer_role_are_the_same_chat_as_plain_mess
         assert out.column("prompt_token_ids")[0].as_py() == expected, format
 
 
-def test_an_image_part_is_an_invalid_request_row_naming_the_part(messages_stage: PromptStage) -> None:
+def test_an_image_part_for_a_model_without_vision_is_an_invalid_request_row_naming_the_part(
+    messages_stage: PromptStage,
+) -> None:
     chat = [{"role": "user", "content": [{"type": "text", "text": "What is this?"},
                                          {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]
     out = messages_stage(hand_block([{"chat": chat}]))
 
     [(error_type, error)] = row_errors(out)
     assert error_type == "invalid_request"
-    assert error.startswith("column 'chat' message 0 content part 1 is an 'image_url' part")
+    assert error.startswith("column 'chat' message 0 content part 1 is an image, but the model has no vision tower")
 
 
 def test_chat_whose_user_messages_are_all_blank_is_an_empty_prompt(messages_stage: PromptStage) -> None:

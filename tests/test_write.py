@@ -17,7 +17,7 @@ from qwen_batch.pipelines import storage
 from qwen_batch.pipelines.engine import EngineStage
 from qwen_batch.pipelines.read import BLOCK_SCHEMA
 from qwen_batch.pipelines.write import COMMITS_DIR, Layout, WriteConfig, WriteStage, read_commit, results_table
-from qwen_batch.schemas.results import LOGPROBS_FIELD, RESULT_SCHEMA, Totals
+from qwen_batch.schemas.results import IMAGES_FIELD, LOGPROBS_FIELD, RESULT_SCHEMA, Totals
 
 SHARD = "0123456789abcdef0123"
 VARIANT = "tiny-qwen2"
@@ -72,6 +72,7 @@ def engine_block(rows: list[dict[str, Any]] = ROWS, shard: str = SHARD, first_ro
         "cached_tokens": pa.array([row["cached_tokens"] for row in rows], pa.int64()),
         "parsed": pa.array([None] * count, pa.string()),
         "logprobs": pa.array([None] * count, LOGPROBS_FIELD.type),
+        "images": pa.array([None] * count, IMAGES_FIELD.type),
         "_engine_seconds": pa.array([0.5] * count, pa.float64()),
         "_batch_seconds": pa.array([1.5] * count, pa.float64()),
     }
