@@ -26,13 +26,15 @@ class Stage:
         if self.rows_of is None or MODEL_COLUMN not in block.column_names:
             return self.process(block)
         mine = pc.equal(block.column(MODEL_COLUMN), self.rows_of)
-        if not pc.any(mine).as_py():
+        count = pc.sum(mine).as_py() or 0
+        if not count:
             return block
         # Columns this stage adds may be there already, from another model's stage: this one's rows get them anew.
-        done = self.process(block.filter(mine).drop_columns([c for c in self.produces if c in block.column_names]))
-        others = block.filter(pc.invert(mine))
-        if not others.num_rows:
+        ours = block if count == block.num_rows else block.filter(mine)  # one model's block is not copied
+        done = self.process(ours.drop_columns([c for c in self.produces if c in block.column_names]))
+        if count == block.num_rows:
             return done
+        others = block.filter(pc.invert(mine))
         for name in self.produces:
             if name not in others.column_names:
                 field = done.schema.field(name)

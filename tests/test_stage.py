@@ -117,3 +117,10 @@ def test_a_model_stage_passes_a_block_without_its_rows_through_untouched() -> No
     block = pa.table({"text": ["a"], "_model": ["m2"]})
     stage = Tagged("m1")
     assert stage(block) is block and stage.seen == []
+
+
+def test_a_block_of_one_models_rows_is_processed_whole() -> None:
+    block = pa.table({"text": ["a", "bb"], "_model": ["m1", "m1"], "upper": pa.nulls(2, pa.string())})
+    stage = Tagged("m1")
+    done = stage(block)
+    assert stage.seen == [["a", "bb"]] and done.column("upper").to_pylist() == ["A", "BB"]
