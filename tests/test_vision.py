@@ -244,3 +244,28 @@ def test_image_tokens_count_toward_max_model_len_as_the_processor_makes_them(vl_
     [(too_long, message), fine] = errors(out)
     assert (too_long, fine) == ("prompt_too_long", (None, None))
     assert message.startswith("prompt is 99 tokens (77 of them for its images); with max_tokens 16 that is 115")
+
+
+@pytest.mark.s3
+def test_on_ray_the_prompt_stages_images_reach_the_next_stage_intact(
+    vl_dir: Path, s3: S3Server, ray_local: None, tmp_path: Path
+) -> None:
+    import ray
+
+    photos = [encoded(300, 200, "JPEG"), encoded(64, 64)]
+    urls = [f"s3://{s3.bucket}/{uuid.uuid4().hex}/{i}.img" for i in range(2)]
+    for url, photo in zip(urls, photos):
+        storage.write_bytes(url, photo)
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps({"note": str(i), "photo": url}) + "\n"
+                                                 for i, url in enumerate(urls)))
+    block = read(tmp_path / "rows.jsonl", "jsonl", ["note", "photo"])
+    config = PromptConfig(tokenizer=str(vl_dir), system=None, template="{note}", messages_column=None,
+                          max_model_len=1024, max_tokens=16, images=ImageConfig(("photo",), LIMITS, {}))
+
+    out = pa.concat_tables(ray.get(ray.data.from_arrow([block]).map_batches(
+        PromptStage, fn_constructor_args=(config,), batch_size=None, batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.5).to_arrow_refs()))
+
+    assert out.column("_error_type").to_pylist() == [None, None]
+    assert out.column("_images").to_pylist() == [[photos[0]], [photos[1]]]
+    assert [row[0]["width"] for row in out.column("_image_info").to_pylist()] == [300, 64]
