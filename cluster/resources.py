@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
@@ -174,8 +174,9 @@ def _is_local(path: str) -> bool:
 
 
 def plan_replicas(spec: JobSpec, model: ModelSpec, variant: ModelVariant, max_model_len: int,
-                  nodes: Sequence[NodeShape]) -> ReplicaPlan:
-    """Accelerator, tensor parallelism, executor backend, engine settings and replica count for one model."""
+                  nodes: Sequence[NodeShape], lora_slots: tuple[int, int] = (0, 0)) -> ReplicaPlan:
+    """Accelerator, tensor parallelism, executor backend, engine settings and replica count for one model;
+    `lora_slots` (max_loras, max_lora_rank) is what its LoRA adapters take of each GPU."""
     resources, engine = spec.resources, spec.engine
     largest_node = max((node.gpus for node in nodes), default=0)
     all_gpus = sum(node.gpus for node in nodes)
@@ -189,7 +190,7 @@ def plan_replicas(spec: JobSpec, model: ModelSpec, variant: ModelVariant, max_mo
             raise SpecError(f"resources.tensor_parallel_size: found {tp}; a replica's GPUs must sit on one node and "
                             f"the largest node of the Ray cluster has {largest_node}. Use nodes with {tp} GPUs, or a "
                             "smaller or quantized variant that fits fewer GPUs")
-        layout = gpu_plan(spec, variant, max_model_len, max(all_gpus, 1), max(largest_node, 1))
+        layout = gpu_plan(spec, variant, max_model_len, max(all_gpus, 1), max(largest_node, 1), lora_slots)
         tp, pp = layout.tensor_parallel_size, layout.pipeline_parallel_size
     else:
         if resources.pipeline_parallel_size not in ("auto", 1):
@@ -246,14 +247,17 @@ def plan_replicas(spec: JobSpec, model: ModelSpec, variant: ModelVariant, max_mo
 
 
 def plan_models(spec: JobSpec, models: Sequence[tuple[str, ModelSpec, ModelVariant, int]],
-                nodes: Sequence[NodeShape]) -> list[list[ReplicaPlan]]:
-    """Each model's plan (name, spec, variant, max_model_len in), in turns of models that run side by side.
+                nodes: Sequence[NodeShape], lora_slots: Mapping[str, tuple[int, int]] | None = None
+                ) -> list[list[ReplicaPlan]]:
+    """Each model's plan (name, spec, variant, max_model_len in; its LoRA slots by name), in turns of models that run
+    side by side.
 
     Models run side by side when the cluster has room for one replica of each at once (or the pinned replicas of
     each); the planner then splits the accelerators: every model one replica, then one more at a time to the model
     holding the least per byte of weights (a decode step's cost), until none fits. With no such room, each model
     runs alone on the whole cluster, one after another."""
-    plans = [plan_replicas(spec, model, variant, max_model_len, nodes) for _, model, variant, max_model_len in models]
+    plans = [plan_replicas(spec, model, variant, max_model_len, nodes, (lora_slots or {}).get(name, (0, 0)))
+             for name, model, variant, max_model_len in models]
     if len(plans) == 1:
         return [plans]
     shared = _share(spec.resources.replicas, plans, [weight_bytes(variant) for _, _, variant, _ in models], nodes)
@@ -341,9 +345,9 @@ def default_max_num_seqs(spec: JobSpec, accelerator: str, tensor_parallel_size: 
 
 
 def gpu_plan(spec: JobSpec, variant: ModelVariant, max_model_len: int, gpus: int,
-             node_gpus: int | None = None) -> VariantPlan:
+             node_gpus: int | None = None, lora_slots: tuple[int, int] = (0, 0)) -> VariantPlan:
     """The planner's tensor and pipeline parallelism and KV capacity for the spec's GPU type, on `gpus` GPUs of which
-    one node has at most `node_gpus`; warns when an explicit size won't fit."""
+    one node has at most `node_gpus`, with `lora_slots` for LoRA adapters; warns when an explicit size won't fit."""
     gpu = GPU_TYPES.get(spec.resources.gpu_type)
     if gpu is None:
         raise SpecError(f"resources.gpu_type: found {spec.resources.gpu_type!r}; expected one of {sorted(GPU_TYPES)}")
@@ -351,7 +355,7 @@ def gpu_plan(spec: JobSpec, variant: ModelVariant, max_model_len: int, gpus: int
     plan = plan_variant(variant, gpu, max(gpus, 1), max_model_len, spec.engine.gpu_memory_utilization,
                         tensor_parallel_size=None if explicit == "auto" else explicit,
                         pipeline_parallel_size=None if stages == "auto" else stages,
-                        node_gpus=node_gpus or max(gpus, 1))
+                        node_gpus=node_gpus or max(gpus, 1), lora_slots=lora_slots)
     if plan.warning:
         log.warning("resources.tensor_parallel_size %s: %s", explicit, plan.warning)
     return plan

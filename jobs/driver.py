@@ -30,7 +30,7 @@ from qwen_batch.jobs.progress import Progress
 from qwen_batch.pipelines import storage
 from qwen_batch.pipelines.engine import EngineConfig
 from qwen_batch.pipelines.images import ImageConfig
-from qwen_batch.pipelines.adapters import Adapter, inspect_adapter
+from qwen_batch.pipelines.adapters import Adapter, engine_args, inspect_adapter
 from qwen_batch.pipelines.prompts import AdapterChoice, PromptConfig, Routes
 from qwen_batch.pipelines.read import (COLUMN_SAMPLE_ROWS, ReadConfig, Shard, carried_schema, find_repeated_ids,
                                        input_schema, plan_shards)
@@ -73,6 +73,11 @@ class ModelPlan:
     def name(self) -> str:
         """The model's name in the output."""
         return self.spec.output_name
+
+    def lora_slots(self, max_loras: int | None) -> tuple[int, int]:
+        """(max_loras, max_lora_rank) its adapters take on a GPU engine; (0, 0) without adapters."""
+        args = engine_args(list(self.adapters), max_loras, on_cpu=False)
+        return args.get("max_loras", 0), args.get("max_lora_rank", 0)
 
     @property
     def names(self) -> frozenset[str]:
@@ -413,7 +418,7 @@ def _run(plan: JobPlan, run: RunAccount, address: str | None, verbose: bool) -> 
                 if spec.input.checks_unique_ids:
                     work = _with_repeated_ids(plan, work)
                 turns = plan_models(spec, [(m.name, m.spec, m.variant, m.max_model_len) for m, _ in work],
-                                    cluster_nodes())
+                                    cluster_nodes(), {m.name: m.lora_slots(spec.engine.max_loras) for m, _ in work})
                 for turn in turns:
                     _run_turn(plan, run, work[:len(turn)], turn, errors)
                     work = work[len(turn):]

@@ -12,7 +12,6 @@ from qwen_batch.cluster.planner import (GPU_TYPES, MAX_TENSOR_PARALLEL, GpuType,
                                         estimate_run, plan_variant)
 from qwen_batch.cluster.resources import NodeShape, plan_models
 from qwen_batch.jobs.driver import JobPlan, ModelPlan, model_dir, plan_job, stage_configs
-from qwen_batch.pipelines.adapters import engine_args
 from qwen_batch.pipelines.prompts import PromptStage
 from qwen_batch.pipelines.read import read_shard
 from qwen_batch.schemas.errors import SpecError
@@ -86,10 +85,9 @@ def estimate_job(spec: JobSpec, gpu_type: str, gpus: int) -> JobEstimate:
         tokenizer, tokenized_with = sample_tokenizer(model)
         prompt_tokens = sample_prompt_tokens(plan, model, tokenizer)
         mean_prompt = fmean(prompt_tokens) if prompt_tokens else 0.0
-        lora = engine_args(list(model.adapters), spec.engine.max_loras, on_cpu=False)
         gpu_plan = plan_variant(model.variant, gpu, gpus, model.max_model_len, spec.engine.gpu_memory_utilization,
                                 tensor_parallel_size=None if explicit == "auto" else explicit,
-                                lora_slots=(lora.get("max_loras", 0), lora.get("max_lora_rank", 0)))
+                                lora_slots=model.lora_slots(spec.engine.max_loras))
         if shares is not None:
             gpu_plan = replace(gpu_plan, replicas=shares[index])
         models.append(ModelEstimate(

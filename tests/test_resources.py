@@ -180,3 +180,15 @@ def test_models_without_room_together_run_in_turns_on_the_whole_cluster():
                              resources={"replicas": 3})
     assert [[p.replicas for p in turn] for turn in plan_models(job, models, nodes(1, 4))] == [[3], [3]]
     assert [[p.replicas for p in turn] for turn in plan_models(job, models, nodes(1, 8))] == [[3, 3]]
+
+
+def test_lora_slots_take_gpu_memory_and_can_widen_tensor_parallelism():
+    """16 adapters of rank 128 on Qwen2.5-32B take 20 GiB of an H100 at tensor_parallel_size 2: too little is left
+    for 16 sequences of 16k, so the replica spans 4 GPUs (cluster.planner.lora_bytes)."""
+    job = spec("qwen2.5-32b-instruct")
+    model, variant = job.variants[0], get_variant("qwen2.5-32b-instruct")
+    plain = plan_replicas(job, model, variant, 16384, nodes(1, 8))
+    tuned = plan_replicas(job, model, variant, 16384, nodes(1, 8), lora_slots=(16, 128))
+    assert (plain.tensor_parallel_size, tuned.tensor_parallel_size) == (2, 4)
+    [[by_name]] = plan_models(job, [("m", model, variant, 16384)], nodes(1, 8), {"m": (16, 128)})
+    assert by_name.tensor_parallel_size == 4
