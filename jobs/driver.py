@@ -17,7 +17,7 @@ import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from importlib import metadata
 from pathlib import Path
@@ -416,7 +416,7 @@ def _run(plan: JobPlan, run: RunAccount, address: str | None, verbose: bool) -> 
             with ray_output(job_log_file(plan.job_id, run_id), verbose=verbose), ray_cluster(address):
                 check_node_paths(spec, [model.model for model in plan.models])
                 if spec.input.checks_unique_ids:
-                    work = _with_repeated_ids(plan, work)
+                    plan, work = _with_repeated_ids(plan, work)
                 turns = plan_models(spec, [(m.name, m.spec, m.variant, m.max_model_len) for m, _ in work],
                                     cluster_nodes(), {m.name: m.lora_slots(spec.engine.max_loras) for m, _ in work})
                 for turn in turns:
@@ -449,17 +449,16 @@ def _run_turn(plan: JobPlan, run: RunAccount, work: list[tuple[ModelPlan, list[S
     run.engine_restarts += sum(ray.get([model.ledger.engine_restarts.remote() for model in models]))
 
 
-def _with_repeated_ids(plan: JobPlan, work: list[tuple[ModelPlan, list[Shard]]]) -> list[tuple[ModelPlan, list[Shard]]]:
-    """The work with each shard knowing which of its rows repeat an id used earlier in the input (read's
+def _with_repeated_ids(plan: JobPlan, work: list[tuple[ModelPlan, list[Shard]]]
+                       ) -> tuple[JobPlan, list[tuple[ModelPlan, list[Shard]]]]:
+    """The plan and the work with each shard knowing which of its rows repeat an id used earlier in the input (read's
     find_repeated_ids, over every shard: an id's first use may lie in a committed one)."""
     started = time.monotonic()
-    shards = {s.shard_id: s for s in find_repeated_ids(plan.shards, ReadConfig.of(plan.spec.input,
-                                                                                  prompt_columns(plan.spec),
-                                                                                  plan.carried))}
-    repeats = sum(len(s.repeats) for s in shards.values())
+    shards = find_repeated_ids(plan.shards, ReadConfig.of(plan.spec.input, prompt_columns(plan.spec), plan.carried))
     log.info("id check: %d row(s) repeat an earlier row's id and become duplicate_id rows (%.1f s over %d rows)",
-             repeats, time.monotonic() - started, plan.rows)
-    return [(model, [shards[s.shard_id] for s in todo]) for model, todo in work]
+             sum(len(s.repeats) for s in shards), time.monotonic() - started, plan.rows)
+    by_id = {s.shard_id: s for s in shards}
+    return replace(plan, shards=shards), [(model, [by_id[s.shard_id] for s in todo]) for model, todo in work]
 
 
 class ErrorRateExceeded(Exception):
