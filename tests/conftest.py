@@ -30,6 +30,7 @@ FAMILY_MODELS = ("tiny-qwen2", "qwen3-think", "qwen3-unbounded")
 FIXTURE_MARKERS = {"s3": "s3", "cluster": "cluster", "ray_head": "cluster", "reviews_job": "engine",
                    "family_job": "engine"}
 VENV_BIN = Path(sys.executable).parent
+HEAD_START_ATTEMPTS = 3
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -203,22 +204,28 @@ def ray_head(s3: S3Server, tiny_models: dict[str, Path]) -> Iterator[RayHead]:
     temp_dir = tempfile.mkdtemp(prefix="qbr", dir="/tmp")  # short: Ray's unix socket paths must fit in 107 bytes
     token_file = Path(temp_dir) / "auth_token"
     token_file.write_text(secrets.token_hex(32))
-    gcs_port, dashboard_port, client_port, agent_port = free_ports(4)
     env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
            "RAY_AUTH_TOKEN_PATH": str(token_file)}
     env.pop("RAY_ADDRESS", None)
     env.pop("RAY_AUTH_TOKEN", None)
-    start = subprocess.Popen(
-        [str(VENV_BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(gcs_port),
-         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port), "--include-dashboard", "true",
-         "--ray-client-server-port", str(client_port), "--dashboard-agent-listen-port", str(agent_port),
-         "--num-cpus", "2", "--object-store-memory", str(256 << 20), "--temp-dir", temp_dir,
-         "--disable-usage-stats"],
-        env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    head = RayHead(f"http://127.0.0.1:{dashboard_port}", token_file, start.pid, temp_dir)
+    heads: list[RayHead] = []
     try:
-        output, _ = start.communicate(timeout=120)
-        assert start.returncode == 0, f"ray start failed:\n{output}"
+        # `ray start` gives its raylet 30 s to register, which an overloaded machine can miss: a few tries.
+        for attempt in range(HEAD_START_ATTEMPTS):
+            gcs_port, dashboard_port, client_port, agent_port = free_ports(4)
+            start = subprocess.Popen(
+                [str(VENV_BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(gcs_port),
+                 "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port), "--include-dashboard",
+                 "true", "--ray-client-server-port", str(client_port), "--dashboard-agent-listen-port",
+                 str(agent_port), "--num-cpus", "2", "--object-store-memory", str(256 << 20), "--temp-dir", temp_dir,
+                 "--disable-usage-stats"],
+                env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            heads.append(head := RayHead(f"http://127.0.0.1:{dashboard_port}", token_file, start.pid, temp_dir))
+            output, _ = start.communicate(timeout=120)
+            if start.returncode == 0:
+                break
+            stop_processes(head.processes())
+            assert attempt + 1 < HEAD_START_ATTEMPTS, f"ray start failed {HEAD_START_ATTEMPTS} times, the last:\n{output}"
         with pytest.MonkeyPatch.context() as environment:
             environment.setenv("RAY_AUTH_TOKEN_PATH", str(token_file))
             environment.delenv("RAY_AUTH_TOKEN", raising=False)
@@ -234,5 +241,6 @@ def ray_head(s3: S3Server, tiny_models: dict[str, Path]) -> Iterator[RayHead]:
                     time.sleep(0.5)
             yield head
     finally:
-        stop_processes(head.processes())
+        for head in heads:
+            stop_processes(head.processes())
         shutil.rmtree(temp_dir, ignore_errors=True)
