@@ -236,18 +236,23 @@ def _logical_date(args: argparse.Namespace) -> datetime | None:
 
 def _validate(args: argparse.Namespace) -> _Shown:
     from qwen_batch.jobs.driver import plan_job
+    from qwen_batch.pipelines.storage import display_url
     from qwen_batch.schemas.spec import load_spec
 
     plan = plan_job(load_spec(args.spec, _logical_date(args)))
     files = len({s.file for s in plan.shards})
     models = [{"name": m.name, "variant": m.variant.name, "loads": m.model, "max_model_len": m.max_model_len,
                "thinking": m.spec.thinking, "shards_committed": len(m.committed),
-               "shards_to_run": len(plan.todo(m))} for m in plan.models]
+               "shards_to_run": len(plan.todo(m)),
+               "adapters": [{"name": a.name, "path": display_url(a.url), "rank": a.rank, "target_modules": list(a.target_modules)}
+                            for a in m.adapters]} for m in plan.models]
     lines = [f"job {plan.job_id}: {plan.rows} rows in {len(plan.shards)} shards from {files} input file(s) -> "
              f"{plan.layout.output}"]
     lines += [f"bad input file, skipped: {file}" for file in plan.bad_files]
     lines += [f"{m['name']}: {m['variant']} from {m['loads']}, max_model_len {m['max_model_len']}, thinking "
-              f"{m['thinking']}; {m['shards_committed']} shards committed, {m['shards_to_run']} to run" for m in models]
+              f"{m['thinking']}; {m['shards_committed']} shards committed, {m['shards_to_run']} to run"
+              + "".join(f"\n  adapter {a['name']}: rank {a['rank']} on {', '.join(a['target_modules'])} from {a['path']}"
+                        for a in m["adapters"]) for m in models]
     return _Shown({"job_id": plan.job_id, "input_files": files, "shards": len(plan.shards), "rows": plan.rows,
                    "bad_files": plan.bad_files, "output": plan.layout.output, "models": models}, "\n".join(lines))
 

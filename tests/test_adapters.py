@@ -169,6 +169,18 @@ def test_planning_refuses_an_adapter_it_cannot_serve_before_any_engine(
     assert [(a.name, a.rank) for a in plan.models[0].adapters] == [("support-v3", 8)]
 
 
+def test_validate_lists_each_models_adapters(tmp_path: Path, adapter_dir: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    from qwen_batch.jobs.cli import main
+
+    spec_file = tmp_path / "job.json"
+    spec_file.write_text(json.dumps(_spec(tmp_path, {"support-v3": str(adapter_dir)})))
+    capsys.readouterr()
+    assert main(["validate", str(spec_file)]) == 0
+    assert f"  adapter support-v3: rank 8 on q_proj, k_proj, v_proj, o_proj from {adapter_dir}" in \
+        capsys.readouterr().out.splitlines()
+
+
 @pytest.mark.s3
 def test_an_adapter_on_s3_is_checked_there_and_downloaded_once_per_node(
     s3, adapter_dir: Path, model_config: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
