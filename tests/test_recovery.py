@@ -132,9 +132,13 @@ def test_a_sigkilled_driver_resumes_its_out_of_order_commits_then_reruns_nothing
     before = commits_when_driver_killed(spec_file, output, 3)
     assert 3 <= len(before) < ROWS // ROWS_PER_SHARD
     assert first_shard not in before, "the long first shard committed before the short ones: no out-of-order commits"
+    # What a writer killed between its data and its commit leaves: an attempt's file no commit record names.
+    orphan = Path(output, "tiny-qwen2", f"part-{first_shard.removesuffix('.json')}-0123456789ab.parquet")
+    orphan.write_bytes(Path(output, next(iter(before.values()))["data_file"]).read_bytes())
 
     manifest = run_job(load_spec(spec_file))  # resumes: only the shards not committed before the kill
     after = commits(output)
+    assert not orphan.exists(), "the resumed run left a data file that no commit record names"
     assert_exactly_once(output)
     assert first_shard in after and manifest.runs[-1].shards_skipped >= len(before)
     assert manifest.runs[-1].shards_committed == len(after) - manifest.runs[-1].shards_skipped
