@@ -1027,7 +1027,7 @@ def fake_cluster(monkeypatch: pytest.MonkeyPatch, follow) -> None:
     from qwen_batch.pipelines import pipeline
 
     replicas = resources.ReplicaPlan("gpu", 1, 3, {}, {}, 1.0, num_gpus=1)
-    monkeypatch.setattr(resources, "plan_models", lambda spec, models, nodes: [[replicas] * len(models)])
+    monkeypatch.setattr(resources, "plan_models", lambda spec, models, nodes, lora_slots=None: [[replicas] * len(models)])
     monkeypatch.setattr(pipeline, "build_dataset", lambda *args, **kwargs: None)
     monkeypatch.setattr(driver, "_follow", lambda dataset, plan, work, started, errors: follow())
 
