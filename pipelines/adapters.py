@@ -9,18 +9,16 @@ file lock, so the engines of one node download it once; vLLM then loads it from 
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
 import json
 import os
 import re
-import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from qwen_batch.pipelines import storage
+from qwen_batch.pipelines.weights import node_copy
 from qwen_batch.schemas.errors import SpecError
 
 CONFIG_FILE = "adapter_config.json"
@@ -37,7 +35,6 @@ class Adapter:
 
     name: str
     url: str  # its folder
-    fingerprint: str  # its files' sizes and ETags (or mtimes): with the URL, the node cache's key
     rank: int
     target_modules: tuple[str, ...]
 
@@ -95,8 +92,7 @@ def inspect_adapter(name: str, url: str, model: dict[str, Any], where: str) -> A
             problems += _weight_problems(files[WEIGHTS_FILE].url, rank, shapes, model["num_hidden_layers"])
     if problems:
         raise SpecError(f"{where}: adapter {name!r} at {shown} cannot be served with this model: {'; '.join(problems)}")
-    fingerprint = ";".join(f"{n}:{files[n].size}:{files[n].fingerprint}" for n in (CONFIG_FILE, WEIGHTS_FILE))
-    return Adapter(name, folder, fingerprint, rank, tuple(modules))
+    return Adapter(name, folder, rank, tuple(modules))
 
 
 def _weight_problems(url: str, rank: int, shapes: dict[str, tuple[int, int]],
@@ -151,22 +147,9 @@ def cache_dir() -> Path:
 
 
 def local_path(adapter: Adapter) -> str:
-    """A local folder holding the adapter: its own for a local one, else this node's cached copy, downloaded once
-    (the first engine of the node holds the lock while it downloads; the others wait and reuse the copy)."""
+    """A local folder holding the adapter: its own for a local one, else this node's copy, downloaded once and named
+    by the files' sizes and ETags as the store lists them now, so a changed adapter is a new copy."""
     if not storage.location(adapter.url).store:
         return adapter.url
-    key = hashlib.sha256(f"{adapter.url}\0{adapter.fingerprint}".encode()).hexdigest()[:24]
-    root = cache_dir()
-    root.mkdir(parents=True, exist_ok=True)
-    target = root / f"{adapter.name}-{key}"
-    with open(root / f".{key}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not target.is_dir():
-            partial = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=root))
-            try:
-                for name in (CONFIG_FILE, WEIGHTS_FILE):
-                    (partial / name).write_bytes(storage.read_bytes(f"{adapter.url}/{name}"))
-                partial.rename(target)
-            finally:
-                shutil.rmtree(partial, ignore_errors=True)
-    return str(target)
+    files = [f for f in storage.list_files(adapter.url) if f.relpath in (CONFIG_FILE, WEIGHTS_FILE)]
+    return str(node_copy(adapter.url, files, cache_dir(), prefix=f"{adapter.name}-")[0])

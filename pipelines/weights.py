@@ -59,20 +59,27 @@ def local_checkpoint(path: str) -> str:
 
 def local_copy(url: str) -> tuple[Path, bool]:
     """(this node's copy of the checkpoint at `url`, whether this call downloaded it)."""
-    files = checkpoint_files(url)
+    return node_copy(url, checkpoint_files(url), model_dir() / "remote")
+
+
+def node_copy(url: str, files: list[storage.FileInfo], root: Path, prefix: str = "") -> tuple[Path, bool]:
+    """(this node's copy of `files` of the folder at `url`, under `root`; whether this call downloaded it).
+
+    The copy's folder is `prefix` and a key of the URL and the files' sizes and ETags, so changed files are a new
+    copy. One process per node downloads, holding the key's lock; the others wait and reuse the copy.
+    """
     identity = "\n".join([url, *(f"{f.relpath}\0{f.size}\0{f.fingerprint}" for f in files)])
-    key = hashlib.sha256(identity.encode()).hexdigest()[:24]
-    root = model_dir() / "remote"
-    folder = root / key
+    name = prefix + hashlib.sha256(identity.encode()).hexdigest()[:24]
+    folder = root / name
     if (folder / COMPLETE_MARKER).exists():
         return folder, False
     root.mkdir(parents=True, exist_ok=True)
-    with open(root / f"{key}.lock", "w") as lock:
+    with open(root / f".{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also when the process dies
         if (folder / COMPLETE_MARKER).exists():
             return folder, False  # another process on this node downloaded it meanwhile
         started = time.monotonic()
-        partial = root / f"{key}.partial"
+        partial = root / f".{name}.partial"
         for info in files:
             target = partial / info.relpath
             if target.exists() and target.stat().st_size == info.size:
