@@ -168,7 +168,7 @@ say(engine, "after the job")
 """
 
 
-@pytest.mark.engine
+@pytest.mark.cluster  # a Ray of its own, with a plain actor: no vLLM
 def test_a_job_on_an_existing_connection_leaves_it_open_and_its_worker_lines_shown_again(tmp_path: Path) -> None:
     log_file = tmp_path / "run.log"
     done = run_driver(EXISTING_CONNECTION, str(log_file), tmp_path=tmp_path)
