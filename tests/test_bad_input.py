@@ -558,7 +558,7 @@ MESSAGE_CASES: list[tuple[str, Any, str | None, str]] = [
     ("message-not-object", ["hello"], "invalid_messages",
      "column 'messages' message 0 must be an object with `role` and `content`, found str"),
     ("wrong-role", [{"role": "robot", "content": "beep"}], "invalid_messages",
-     "column 'messages' message 0 has role 'robot'; expected one of ('system', 'user', 'assistant')"),
+     "column 'messages' message 0 has role 'robot'; expected one of ('system', 'developer', 'user', 'assistant')"),
     ("missing-content", [{"role": "system", "content": "x"}, {"role": "user"}], "invalid_messages",
      "column 'messages' message 1 content must be a string"),
     ("last-from-assistant", [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}],
