@@ -3,6 +3,7 @@
 import base64
 import json
 import os
+import random
 import subprocess
 import sys
 from importlib import resources
@@ -66,6 +67,30 @@ def test_encoding_matches_tiktoken_reference(
 ) -> None:
     assert qwen2_tokenizer.encode(text) == tiktoken_reference.encode(text)
     assert qwen2_tokenizer.decode(qwen2_tokenizer.encode(text)) == text
+
+
+def test_the_tokenizer_holds_qwens_own_merges_one_per_multi_byte_token(qwen2_dir: Path) -> None:
+    model = json.loads((qwen2_dir / "tokenizer.json").read_text(encoding="utf-8"))["model"]
+    merges = [tuple(merge) for merge in model["merges"]]
+    assert len(merges) == len(set(merges)) == 151_387  # as Qwen2.5's own tokenizer.json
+    ranks = [model["vocab"][left + right] for left, right in merges]
+    assert ranks == sorted(ranks) and len(set(ranks)) == len(ranks)
+
+
+def test_encoding_matches_tiktoken_reference_over_the_repository_and_random_unicode(
+    qwen2_tokenizer: PreTrainedTokenizerBase, tiktoken_reference: tiktoken.Encoding
+) -> None:
+    root = Path(__file__).resolve().parent.parent
+    sources = sorted(path for pattern in ("*.py", "*.md") for path in root.glob(f"[!.]*/**/{pattern}"))
+    text = "".join(path.read_text(encoding="utf-8") for path in sources)
+    draw = random.Random(0)
+    # Words of random letters (Greek, Cyrillic, CJK): many pieces no merge list was tuned on.
+    letters = [*map(chr, range(0x391, 0x3CA)), *map(chr, range(0x410, 0x450)), *map(chr, range(0x4E00, 0x9FA6))]
+    text += " ".join("".join(draw.choices(letters, k=draw.randint(1, 6))) for _ in range(20_000))
+    for added in qwen2_tokenizer.added_tokens_decoder.values():  # one id each here, bytes to the reference
+        text = text.replace(added.content, "")
+    assert len(text) > 200_000
+    assert qwen2_tokenizer.encode(text) == tiktoken_reference.encode(text)
 
 
 def test_added_tokens_have_official_ids_and_flags(qwen3_tokenizer: PreTrainedTokenizerBase) -> None:
