@@ -7,6 +7,7 @@ import importlib
 import logging
 import os
 import re
+import socket
 import sys
 import tempfile
 import threading
@@ -16,6 +17,8 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import ray
+
+from qwen_batch.schemas.errors import SpecError
 
 __all__ = ["LOCAL_OBJECT_STORE_BYTES", "job_log_file", "ray_cluster", "ray_output"]
 
@@ -27,6 +30,9 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 RAY_LOGGERS = ("ray", "ray.data")
 OUR_LOGGER = "qwen_batch"
 WORKER_LINES_HANDLER = "qwen_batch_job_log"
+LOCAL_START_ATTEMPTS = 3
+CONNECT_TIMEOUT_S = 10
+RAYLET_DEADLINE = "timed out during startup"  # Ray's message when the raylet misses its start deadline
 TERMINAL_CODES = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\r")
 
 
@@ -39,16 +45,47 @@ def ray_cluster(address: str | None = None) -> Iterator[None]:
         return
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
+        _check_reachable(address)
         ray.init(address=address, log_to_driver=True)
     else:
-        # "local": a new Ray of our own, never whatever `ray start` left running on this machine.
-        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False,
-                 object_store_memory=LOCAL_OBJECT_STORE_BYTES, log_to_driver=True)
+        _start_local_ray()
     log.debug("connected to Ray: %s", ray.cluster_resources())
     try:
         yield
     finally:
         ray.shutdown()
+
+
+def _check_reachable(address: str) -> None:
+    """Fail at once when nothing listens at a `host:port` or `ray://host:port` address: `ray.init` would retry for
+    minutes before saying so."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return  # "auto", or a form Ray resolves itself
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as exc:
+        raise SpecError(f"Ray at {address}: nothing answers there ({exc}); check the address (`ray status` on the "
+                        "head node prints it), or leave out --address and RAY_ADDRESS to run on a local Ray") from exc
+
+
+def _start_local_ray() -> None:
+    """A new local Ray of our own, never whatever `ray start` left running on this machine. Ray gives its raylet a
+    fixed 30 s to register, which a busy machine can miss: that start is tried again before giving up."""
+    for attempt in range(1, LOCAL_START_ATTEMPTS + 1):
+        try:
+            ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False,
+                     object_store_memory=LOCAL_OBJECT_STORE_BYTES, log_to_driver=True)
+            return
+        except Exception as exc:  # Ray raises a bare Exception for this deadline
+            if RAYLET_DEADLINE not in str(exc):
+                raise
+            ray.shutdown()
+            if attempt == LOCAL_START_ATTEMPTS:
+                raise SpecError(f"local Ray: its node did not start within Ray's 30 s deadline, {attempt} times "
+                                f"({exc}); this machine is too busy now: run again when it is less loaded, or "
+                                "start Ray yourself (`ray start --head`) and pass --address") from exc
+            log.warning("local Ray: its node missed Ray's 30 s start deadline (a busy machine); starting it again")
 
 
 def job_log_file(job_id: str, run_id: str) -> Path:
