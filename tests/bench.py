@@ -696,6 +696,7 @@ def _label(process: Any) -> str | None:
 def end_leftovers(seen: dict[int, float], own_pid: int) -> list[int]:
     """End the processes a mode started that are still alive (matched by pid and start time); their pids."""
     import psutil
+    from processes import stop_processes  # tests/, the script's folder, is first on sys.path
 
     alive = []
     for pid, created in seen.items():
@@ -707,17 +708,7 @@ def end_leftovers(seen: dict[int, float], own_pid: int) -> list[int]:
                 alive.append(process)
         except psutil.Error:
             continue
-    for process in alive:
-        try:
-            process.terminate()
-        except psutil.Error:
-            pass
-    _, still = psutil.wait_procs(alive, timeout=10)
-    for process in still:
-        try:
-            process.kill()
-        except psutil.Error:
-            pass
+    stop_processes(alive, timeout_s=10)
     return [p.pid for p in alive]
 
 

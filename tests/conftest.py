@@ -20,7 +20,8 @@ from typing import Any
 import psutil
 import pytest
 
-from s3server import S3Server  # tests/ is on sys.path: pytest puts conftest folders there
+from processes import stop_processes  # tests/ is on sys.path: pytest puts conftest folders there
+from s3server import S3Server
 
 # Lines of the family job's input that fail before the engine: an empty text and a line that is not JSON.
 FAMILY_BAD_LINES = ['{"rid": "bad-empty", "text": ""}', '{"rid": "bad-json", "text": ']
@@ -173,21 +174,6 @@ def free_ports(count: int) -> list[int]:
     finally:
         for probe in sockets:
             probe.close()
-
-
-def stop_processes(processes: set[psutil.Process]) -> None:
-    for process in processes:
-        try:
-            process.terminate()
-        except psutil.Error:
-            continue
-    _, alive = psutil.wait_procs(processes, timeout=5)
-    for process in alive:
-        try:
-            process.kill()
-        except psutil.Error:
-            continue
-    psutil.wait_procs(alive, timeout=5)
 
 
 @pytest.fixture(scope="session")
