@@ -103,6 +103,9 @@ class JobPlan:
     them to refuse a resume over changed input."""
     overwrite: bool = False
     """Whether the run empties the output folder when it claims it (--overwrite)."""
+    repeats: dict[str, tuple[tuple[int, str], ...]] | None = None
+    """From the job record, when an earlier run's id check (input.unique_ids) ran over this same input: by shard id,
+    its rows that repeat an earlier row's id (Shard.repeats), so a resume does not read every shard again for it."""
 
     def todo(self, model: ModelPlan) -> list[Shard]:
         """Shards the model has not committed yet."""
@@ -168,8 +171,12 @@ def plan_job(spec: JobSpec, *, overwrite: bool = False) -> JobPlan:
     layout = Layout.at(spec.output.path)
     job_id = f"{spec.name}-{spec.output_hash()}"
     inputs = {info.relpath: f"{info.size}:{info.fingerprint}" for info in files}
-    if not overwrite and (record := _check_output(spec, layout, job_id, inputs)) and "carried_schema" in record:
+    record = None if overwrite else _check_output(spec, layout, job_id, inputs)
+    if record and "carried_schema" in record:
         carried = _schema_of(record["carried_schema"])
+    repeats = None
+    if record and "repeated_ids" in record:
+        repeats = {shard: tuple((row, first) for row, first in rows) for shard, rows in record["repeated_ids"].items()}
     shards, bad_files = plan_shards(spec.input, files)
     _check_rows(spec, files, shards, bad_files)
     planned = {s.shard_id for s in shards}
@@ -181,7 +188,7 @@ def plan_job(spec: JobSpec, *, overwrite: bool = False) -> JobPlan:
                             "committed shard(s) that are not in today's plan: the input changed since the job's first "
                             "run. Write to a new output path, or rerun with --overwrite to start over.")
         models.append(ModelPlan(model, variant, loads, max_model_len, frozenset(committed), adapters))
-    plan = JobPlan(spec, job_id, layout, shards, bad_files, models, carried, inputs, overwrite)
+    plan = JobPlan(spec, job_id, layout, shards, bad_files, models, carried, inputs, overwrite, repeats)
     _check_prompt_room(plan)
     return plan
 
@@ -356,9 +363,16 @@ def claim_output(plan: JobPlan) -> None:
     elif existing := _output_files(plan.layout, options):
         log.warning("--overwrite: deleting %d file(s) under %s", len(existing), storage.display_url(plan.layout.output))
         storage.delete_files(plan.layout.output, existing, options)
+    _write_record(plan)
+
+
+def _write_record(plan: JobPlan) -> None:
+    """The output folder's job record: whose folder it is, the input it started from, and what later runs reuse."""
     record = {"job_id": plan.job_id, "name": plan.spec.name, "inputs": plan.inputs,
               "carried_schema": _schema_text(plan.carried)}
-    storage.write_bytes(plan.layout.url(JOB_FILE), json.dumps(record).encode(), options)
+    if plan.repeats is not None:
+        record["repeated_ids"] = plan.repeats
+    storage.write_bytes(plan.layout.url(JOB_FILE), json.dumps(record).encode(), plan.spec.output.storage_options)
 
 
 def _schema_text(schema: pa.Schema) -> str:
@@ -453,12 +467,19 @@ def _with_repeated_ids(plan: JobPlan, work: list[tuple[ModelPlan, list[Shard]]]
                        ) -> tuple[JobPlan, list[tuple[ModelPlan, list[Shard]]]]:
     """The plan and the work with each shard knowing which of its rows repeat an id used earlier in the input (read's
     find_repeated_ids, over every shard: an id's first use may lie in a committed one)."""
-    started = time.monotonic()
-    shards = find_repeated_ids(plan.shards, ReadConfig.of(plan.spec.input, prompt_columns(plan.spec), plan.carried))
-    log.info("id check: %d row(s) repeat an earlier row's id and become duplicate_id rows (%.1f s over %d rows)",
-             sum(len(s.repeats) for s in shards), time.monotonic() - started, plan.rows)
-    by_id = {s.shard_id: s for s in shards}
-    return replace(plan, shards=shards), [(model, [by_id[s.shard_id] for s in todo]) for model, todo in work]
+    if plan.repeats is None:
+        started = time.monotonic()
+        found = find_repeated_ids(plan.shards, ReadConfig.of(plan.spec.input, prompt_columns(plan.spec), plan.carried))
+        log.info("id check: %d row(s) repeat an earlier row's id and become duplicate_id rows (%.1f s over %d rows)",
+                 sum(len(s.repeats) for s in found), time.monotonic() - started, plan.rows)
+        plan = replace(plan, repeats={s.shard_id: s.repeats for s in found if s.repeats})
+        _write_record(plan)
+    else:
+        log.info("id check: %d row(s) repeat an earlier row's id, as the job record says from an earlier run",
+                 sum(map(len, plan.repeats.values())))
+    plan = replace(plan, shards=[replace(s, repeats=plan.repeats.get(s.shard_id, ())) for s in plan.shards])
+    by_id = {s.shard_id: s for s in plan.shards}
+    return plan, [(model, [by_id[s.shard_id] for s in todo]) for model, todo in work]
 
 
 class ErrorRateExceeded(Exception):

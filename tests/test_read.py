@@ -687,15 +687,20 @@ def test_declared_types_parse_csv_text_and_empty_fields_are_null(tmp_path: Path)
     assert errors[2][0] == "invalid_field" and "carried column 'n' expected int64" in errors[2][1]
 
 
+def write_repeated_ids(folder: Path) -> Path:
+    """Two JSONL files whose second repeats ids of the first (r4, r1) and of itself (r4, new), with a bad line."""
+    folder.mkdir()
+    (folder / "a.jsonl").write_bytes(jsonl_bytes([{"rid": f"r{i}", "text": "x"} for i in range(6)]))
+    (folder / "b.jsonl").write_bytes(jsonl_bytes(
+        [{"rid": "r4", "text": "x"}, {"rid": "new", "text": "x"}, {"rid": "r1", "text": "x"}, {"rid": "r4", "text": "x"},
+         "not json", {"rid": "new", "text": "x"}]))
+    return folder
+
+
 @pytest.mark.s3  # the session's Ray starts after the S3 server
 def test_ids_repeated_across_shards_and_files_are_duplicate_id_rows_and_the_first_is_answered(
         tmp_path: Path, ray_local: None) -> None:
-    (tmp_path / "in").mkdir()
-    (tmp_path / "in/a.jsonl").write_bytes(jsonl_bytes([{"rid": f"r{i}", "text": "x"} for i in range(6)]))
-    (tmp_path / "in/b.jsonl").write_bytes(jsonl_bytes(
-        [{"rid": "r4", "text": "x"}, {"rid": "new", "text": "x"}, {"rid": "r1", "text": "x"}, {"rid": "r4", "text": "x"},
-         "not json", {"rid": "new", "text": "x"}]))
-    spec = InputSpec(path=str(tmp_path / "in"), format="jsonl", id_column="rid", rows_per_shard=2)
+    spec = InputSpec(path=str(write_repeated_ids(tmp_path / "in")), format="jsonl", id_column="rid", rows_per_shard=2)
     config = ReadConfig.of(spec, ["text"])
     shards, _ = plan_shards(spec, list_files(spec.path))
 
@@ -714,3 +719,35 @@ def test_ids_repeated_across_shards_and_files_are_duplicate_id_rows_and_the_firs
     assert errors["b.jsonl", 3][0] == errors["b.jsonl", 5][0] == "duplicate_id"
     assert errors["b.jsonl", 4][0] == "invalid_json"
     assert [row for row in rows if row[:2] == ("b.jsonl", 1)][0][2] is None  # the first 'new' is answered
+
+
+@pytest.mark.s3  # the session's Ray starts after the S3 server
+def test_a_resume_takes_the_repeated_ids_from_the_job_record_instead_of_reading_every_shard_again(
+        tmp_path: Path, ray_local: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    from qwen_batch.jobs import driver
+    from qwen_batch.schemas.spec import load_spec
+
+    spec = load_spec({"name": "ids", "input": {"path": str(write_repeated_ids(tmp_path / "in")), "format": "jsonl",
+                                "id_column": "rid", "rows_per_shard": 2, "unique_ids": True},
+                      "prompt": {"template": "{text}"}, "model": {"variant": "tiny-qwen2"},
+                      "output": {"path": str(tmp_path / "out")}})
+    plan = driver.plan_job(spec)
+    assert plan.repeats is None
+    driver.claim_output(plan)
+    checked, _ = driver._with_repeated_ids(plan, [(m, plan.todo(m)) for m in plan.models])
+    found = {s.shard_id: s.repeats for s in checked.shards if s.repeats}
+    assert sum(map(len, found.values())) == 4  # r4, r1 of a.jsonl; r4 and new again in b.jsonl
+    record = json.loads((tmp_path / "out" / driver.JOB_FILE).read_text())
+    assert record["repeated_ids"] == {shard: [list(repeat) for repeat in repeats] for shard, repeats in found.items()}
+
+    def read_again(*_: Any) -> None:
+        raise AssertionError("the resume read every shard again for the id check")
+
+    monkeypatch.setattr(driver, "find_repeated_ids", read_again)
+    again = driver.plan_job(spec)
+    assert again.repeats == found
+    resumed, work = driver._with_repeated_ids(again, [(m, again.todo(m)) for m in again.models])
+    assert [s.repeats for s in resumed.shards] == [s.repeats for s in checked.shards]
+    assert [s.repeats for _, todo in work for s in todo] == [s.repeats for s in checked.shards]
+    # --overwrite starts over: the record is rewritten without them, and the next run checks again.
+    assert driver.plan_job(spec, overwrite=True).repeats is None
