@@ -9,7 +9,8 @@ from typing import Any
 
 import yaml
 
-from qwen_batch.cluster.resources import gpu_plan
+from qwen_batch.cluster.planner import PIPELINE_STAGES
+from qwen_batch.cluster.resources import NodeShape, gpu_plan, plan_models
 from qwen_batch.pipelines.storage import redact
 from qwen_batch.schemas.catalog import get_variant
 from qwen_batch.schemas.errors import SpecError
@@ -61,31 +62,17 @@ def render_rayjob(spec: JobSpec, *, image: str, gpus_per_worker: int, workers: i
     spec (default `<name>-spec`).
     """
     name = rayjob_name(spec.name)
-    tensor_parallel, replicas = _replica_shape(spec, gpus_per_worker)
-    if gpus_per_worker < tensor_parallel:
-        raise SpecError(f"resources.tensor_parallel_size: {tensor_parallel} GPUs per replica do not fit on a worker "
-                        f"of {gpus_per_worker} GPUs; a replica must sit on one node. Raise --gpus-per-worker")
-    fit = gpus_per_worker // tensor_parallel
+    replicas = spec.resources.replicas
+    layouts = _replica_layouts(spec, gpus_per_worker)
     autoscaling = isinstance(replicas, ReplicaRange)
-    if autoscaling:
-        # KubeRay's autoscaler adds GPU workers while the job's autoscaling actor pool waits for them.
-        pods = (math.ceil(replicas.min / fit), math.ceil(replicas.max / fit))
-        replicas_per_worker = fit
-    elif replicas == "auto":
-        if not workers:
-            raise SpecError("resources.replicas: found 'auto', which fills the cluster the RayJob starts: give "
-                            "--workers N (each worker then runs its GPUs // tensor_parallel_size replicas), or pin "
-                            "resources.replicas, or give it as {min, max} for an autoscaling cluster")
-        replicas_per_worker, pods = fit, (workers, workers)
+    if replicas == "auto" and not workers:
+        raise SpecError("resources.replicas: found 'auto', which fills the cluster the RayJob starts: give "
+                        "--workers N (each worker then runs its GPUs // tensor_parallel_size replicas), or pin "
+                        "resources.replicas, or give it as {min, max} for an autoscaling cluster")
+    if len(layouts) > 1:
+        pods, worker_gpus = _pods_side_by_side(spec, gpus_per_worker, workers)
     else:
-        replicas_per_worker = min(replicas, fit)
-        needed = math.ceil(replicas / replicas_per_worker)
-        if workers and workers < needed:
-            raise SpecError(f"resources.replicas: {replicas} replicas of {tensor_parallel} GPU(s) need {needed} "
-                            f"workers of {gpus_per_worker} GPUs; --workers is {workers}. Raise --workers or lower "
-                            "replicas")
-        pods = (workers or needed,) * 2
-    worker_gpus = replicas_per_worker * tensor_parallel
+        pods, worker_gpus = _pods(replicas, *layouts[0], gpus_per_worker, workers)
     configmap = spec_configmap or f"{name}-spec"
     return {
         "apiVersion": "ray.io/v1",
@@ -130,18 +117,78 @@ def render_command(spec_path: str, image: str, gpus_per_worker: int, workers: in
                        workers=workers, namespace=namespace)
 
 
-def _replica_shape(spec: JobSpec, gpus_per_worker: int) -> tuple[int, int | str | ReplicaRange]:
-    """GPUs per replica and replicas, with `tensor_parallel_size: auto` resolved as the driver will on GPUs."""
-    resources = spec.resources
-    if resources.accelerator == "cpu":
+def _replica_layouts(spec: JobSpec, gpus_per_worker: int) -> list[tuple[int, int]]:
+    """(tensor_parallel_size, pipeline_parallel_size) of each model's replicas as the driver's planner lays them out
+    on workers of `gpus_per_worker` GPUs, `auto` resolved; a tensor-parallel group must fit on one worker."""
+    if spec.resources.accelerator == "cpu":
         raise SpecError("resources.accelerator: found 'cpu'; `render k8s` writes GPU workers. Use `auto` or `gpu`")
-    tensor_parallel = resources.tensor_parallel_size
-    if tensor_parallel == "auto":
-        model = spec.variants[0]
+    layouts = []
+    for model in spec.variants:
         variant = get_variant(model.catalog_name)
         max_model_len = model.max_model_len or variant.context_length
-        tensor_parallel = gpu_plan(spec, variant, max_model_len, gpus_per_worker).tensor_parallel_size
-    return tensor_parallel, resources.replicas
+        # As many workers as the largest pipeline needs: the layout depends on the GPUs of one node, not their sum.
+        plan = gpu_plan(spec, variant, max_model_len, gpus_per_worker * max(PIPELINE_STAGES), gpus_per_worker)
+        if gpus_per_worker < plan.tensor_parallel_size:
+            raise SpecError(f"resources.tensor_parallel_size: {plan.tensor_parallel_size} GPUs per replica of "
+                            f"{model.output_name} do not fit on a worker of {gpus_per_worker} GPUs; a replica's "
+                            "tensor-parallel group must sit on one node. Raise --gpus-per-worker")
+        layouts.append((plan.tensor_parallel_size, plan.pipeline_parallel_size))
+    return layouts
+
+
+def _pods(replicas: int | str | ReplicaRange, tensor_parallel: int, stages: int, gpus_per_worker: int,
+          workers: int) -> tuple[tuple[int, int], int]:
+    """(min, max) worker pods for one model's replicas of `stages` pipeline stages of `tensor_parallel` GPUs, and
+    GPUs per pod: whole stages each, no more GPUs than they use (a small job gets a small pod, not a whole node)."""
+    fit = gpus_per_worker // tensor_parallel
+    if isinstance(replicas, ReplicaRange):
+        # KubeRay's autoscaler adds GPU workers while the job's autoscaling actor pool waits for them.
+        return (math.ceil(replicas.min * stages / fit), math.ceil(replicas.max * stages / fit)), fit * tensor_parallel
+    if replicas == "auto":
+        return (workers, workers), fit * tensor_parallel
+    per_worker = min(replicas * stages, fit)
+    needed = math.ceil(replicas * stages / per_worker)
+    if workers and workers < needed:
+        each = f"{tensor_parallel} GPU(s)" + (f" in each of {stages} pipeline stages" if stages > 1 else "")
+        raise SpecError(f"resources.replicas: {replicas} replicas of {each} need {needed} workers of "
+                        f"{gpus_per_worker} GPUs; --workers is {workers}. Raise --workers or lower replicas")
+    return (workers or needed,) * 2, per_worker * tensor_parallel
+
+
+def _pods_side_by_side(spec: JobSpec, gpus_per_worker: int, workers: int) -> tuple[tuple[int, int], int]:
+    """(min, max) whole-node worker pods for several models running side by side: the fewest on which the driver's
+    own planner (cluster.resources.plan_models) places every model's replicas at once."""
+    replicas = spec.resources.replicas
+    if replicas == "auto":
+        return (workers, workers), gpus_per_worker
+    if isinstance(replicas, ReplicaRange):
+        return (_fewest_pods(spec, replicas.min, gpus_per_worker),
+                _fewest_pods(spec, replicas.max, gpus_per_worker)), gpus_per_worker
+    needed = _fewest_pods(spec, replicas, gpus_per_worker)
+    if workers and workers < needed:
+        raise SpecError(f"resources.replicas: {replicas} replicas of each of {len(spec.variants)} models need {needed} "
+                        f"workers of {gpus_per_worker} GPUs side by side; --workers is {workers}. Raise --workers or "
+                        "lower replicas")
+    return (workers or needed,) * 2, gpus_per_worker
+
+
+def _fewest_pods(spec: JobSpec, replicas: int, gpus_per_worker: int) -> int:
+    """The fewest pods of `gpus_per_worker` GPUs on which the planner runs `replicas` of every model at once."""
+    pinned = spec.model_copy(update={"resources": spec.resources.model_copy(update={"replicas": replicas})})
+    models = []
+    for model in spec.variants:
+        variant = get_variant(model.catalog_name)
+        models.append((model.output_name, model, variant, model.max_model_len or variant.context_length))
+    refused = None
+    for count in range(1, replicas * len(models) + 1):
+        nodes = [NodeShape(CPUS_PER_GPU * gpus_per_worker, gpus_per_worker, f"pod-{index}") for index in range(count)]
+        try:
+            if len(plan_models(pinned, models, nodes)) == 1:
+                return count
+        except SpecError as error:  # too few workers for one model's pinned replicas
+            refused = error
+    raise refused or SpecError(f"resources.replicas: {replicas} replicas of each model do not fit side by side on "
+                               f"workers of {gpus_per_worker} GPUs. Raise --gpus-per-worker")
 
 
 def _head_group(image: str, configmap: str, labels: dict[str, str]) -> dict[str, Any]:

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from qwen_batch.cluster.render import render_command, render_configmap, render_rayjob, render_yaml, rayjob_name
-from qwen_batch.cluster.resources import NodeShape, plan_replicas
+from qwen_batch.cluster.resources import NodeShape, plan_models, plan_replicas
 from qwen_batch.schemas.catalog import get_variant
 from qwen_batch.schemas.errors import SpecError
 from qwen_batch.schemas.spec import JobSpec, load_spec
@@ -365,7 +365,8 @@ def test_rendered_auto_tensor_parallel_matches_the_driver():
 
 
 @pytest.mark.parametrize("resources,gpus_per_worker,workers,message", [
-    ({"tensor_parallel_size": 8}, 4, 0, "do not fit on a worker of 4 GPUs"),
+    ({"tensor_parallel_size": 4}, 2, 0, "do not fit on a worker of 2 GPUs"),
+    ({"tensor_parallel_size": 8}, 8, 0, "does not divide qwen2.5-7b-instruct's 28 attention heads"),
     ({"replicas": 4, "tensor_parallel_size": 2}, 4, 1, "need 2 workers"),
     ({"accelerator": "cpu"}, 4, 0, "resources.accelerator"),
     ({"replicas": "auto"}, 8, 0, "give --workers N"),
@@ -411,3 +412,38 @@ def test_render_keeps_credentials_out_of_the_configmap():
 def test_rayjob_names_are_dns_1035_labels(spec_name: str, expected: str):
     name = rayjob_name(spec_name)
     assert name == expected and DNS_1035_LABEL.fullmatch(name) and len(name) <= MAX_RAYJOB_NAME
+
+
+def test_a_model_that_needs_pipeline_stages_on_two_workers_gets_them():
+    job_spec = load_spec({**SPEC, "model": {"variant": "qwen3-235b-a22b", "max_model_len": 32768},
+                          "resources": {"replicas": 1}})
+    rayjob = render_rayjob(job_spec, image="img:1", gpus_per_worker=8, workers=0)
+    nodes = worker_nodes(rayjob["spec"]["rayClusterSpec"])
+    assert [node.gpus for node in nodes] == [8, 8]
+    plan = plan_replicas(job_spec, job_spec.variants[0], get_variant("qwen3-235b-a22b"), 32768, nodes)
+    assert (plan.tensor_parallel_size, plan.pipeline_parallel_size, plan.replicas) == (8, 2, 1)
+
+
+@pytest.mark.parametrize("replicas", [2, {"min": 1, "max": 3}])
+def test_models_side_by_side_get_the_workers_the_driver_places_all_their_replicas_on(replicas):
+    """72B, 7B and 32B models (4, 1 and 2 GPUs a replica here): whole 8-GPU workers, as many as the driver's planner
+    needs to run every model's replicas at once; one fewer and it could not."""
+    job_spec = load_spec({**SPEC, "model": None, "resources": {"replicas": replicas},
+                          "models": [{"variant": "qwen2.5-72b-instruct", "max_model_len": 8192},
+                                     {"variant": "qwen2.5-7b-instruct", "max_model_len": 8192},
+                                     {"variant": "qwen2.5-32b-instruct", "max_model_len": 8192}]})
+    rayjob = render_rayjob(job_spec, image="img:1", gpus_per_worker=8, workers=0)
+    (group,) = rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    assert int(group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]) == 8
+    models = [(m.output_name, m, get_variant(m.catalog_name), 8192) for m in job_spec.variants]
+    wanted = [replicas, replicas] if isinstance(replicas, int) else [replicas["min"], replicas["max"]]
+    for pods, each in zip((group["minReplicas"], group["maxReplicas"]), wanted):
+        pinned = load_spec({**job_spec.model_dump(mode="json", exclude_none=True), "resources": {"replicas": each}})
+        nodes = [NodeShape(64, 8, f"n{i}") for i in range(pods)]
+        (turn,) = plan_models(pinned, models, nodes)
+        assert [plan.replicas for plan in turn] == [each] * 3
+        try:
+            assert len(plan_models(pinned, models, nodes[:-1])) > 1
+        except SpecError:
+            pass  # one fewer worker cannot even hold one model's replicas
+    assert group["minReplicas"] < group["maxReplicas"] or isinstance(replicas, int)
