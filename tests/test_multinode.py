@@ -8,11 +8,9 @@ Ray connection of its own.
 from __future__ import annotations
 
 import json
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -24,6 +22,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from clusters import local_cluster  # tests/ is on sys.path, as pytest puts conftest folders there
 from qwen_batch.pipelines import storage
 
 pytestmark = [pytest.mark.engine, pytest.mark.s3, pytest.mark.cluster]
@@ -35,24 +34,13 @@ WORKER = {"num_cpus": 2, "object_store_memory": 200 << 20}
 @pytest.fixture(scope="module")
 def cluster(s3: Any, tiny_models: dict[str, Path]) -> Iterator[Any]:
     """A head with no task CPUs and a dashboard (for the state API), plus two worker nodes."""
-    from ray.cluster_utils import Cluster
-
-    # Ray's session folder holds Unix sockets, whose paths may not pass 107 bytes: a short folder of our own.
-    temp_dir = tempfile.mkdtemp(prefix="qb-mn-")
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         dashboard_port = probe.getsockname()[1]
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 0, "object_store_memory": 200 << 20, "include_dashboard": True, "dashboard_host": "127.0.0.1",
-        "dashboard_port": dashboard_port, "temp_dir": temp_dir})
-    try:
-        for _ in range(2):
-            cluster.add_node(**WORKER)
-        cluster.wait_for_nodes()
+    head = {"num_cpus": 0, "object_store_memory": 200 << 20, "include_dashboard": True, "dashboard_host": "127.0.0.1",
+            "dashboard_port": dashboard_port}
+    with local_cluster("qb-mn-", head, [WORKER, WORKER]) as cluster:
         yield cluster
-    finally:
-        cluster.shutdown()
-        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def write_job(s3: Any, folder: Path, name: str, rows: int = ROWS, max_tokens: int = 16,

@@ -8,14 +8,14 @@ The probes run in a driver subprocess, since this pytest process may hold a Ray 
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+
+from clusters import local_cluster  # tests/ is on sys.path, as pytest puts conftest folders there
 
 pytestmark = pytest.mark.cluster
 
@@ -79,20 +79,10 @@ BASE = {"name": "placed", "input": {"path": "x", "format": "jsonl"}, "prompt": {
 @pytest.fixture(scope="module")
 def gpu_cluster() -> Iterator[Any]:
     """A head with CPUs and no GPUs, a worker with 2 GPUs and one with 4."""
-    from ray.cluster_utils import Cluster
-
-    temp_dir = tempfile.mkdtemp(prefix="qb-pg-")
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 4, "num_gpus": 0, "object_store_memory": 100 << 20, "include_dashboard": False,
-        "temp_dir": temp_dir})
-    try:
-        for gpus in (2, 4):
-            cluster.add_node(num_cpus=4, num_gpus=gpus, object_store_memory=100 << 20)
-        cluster.wait_for_nodes()
+    head = {"num_cpus": 4, "num_gpus": 0, "object_store_memory": 100 << 20, "include_dashboard": False}
+    workers = [{"num_cpus": 4, "num_gpus": gpus, "object_store_memory": 100 << 20} for gpus in (2, 4)]
+    with local_cluster("qb-pg-", head, workers) as cluster:
         yield cluster
-    finally:
-        cluster.shutdown()
-        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def probe(cluster: Any, spec: dict[str, Any]) -> dict[str, Any]:
