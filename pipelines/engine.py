@@ -5,10 +5,11 @@ actor's feeder thread, which is the only thread that touches the engine: it adds
 so a shard's last long rows decode alongside the next shards' rows and the engine's running batch stays full until
 the job's last shard. A call returns when its own rows are done; shards therefore finish and commit in any order.
 
-A dead actor is restarted by Ray and its shards retried without limit (a lost node is normal). An engine that fails
-while generating first tells the job's CrashLedger which rows it held: on the retry those rows run one at a time with
-nothing beside them, and a row that brings the engine down again on its own becomes an `engine_error` row, so a poison
-row can neither loop nor end the job.
+A dead actor is restarted by Ray and its shards retried without limit (a lost node is normal). The job's CrashLedger
+knows which rows each engine holds, told before the engine takes them, so an engine failure counts against the rows in
+flight whether Python saw it or not (a crash in native code, a kill for memory; not a lost node): on the retry those
+rows run one at a time with nothing beside them, and a row that brings the engine down again on its own becomes an
+`engine_error` row, so a poison row can neither loop nor end the job.
 """
 
 from __future__ import annotations
@@ -44,28 +45,55 @@ ROWS_IN_FLIGHT_PER_SEQ = 2
 STRAGGLING_SHARDS = 3
 # Engine failures a row may be part of: the first in company, the second alone, which makes it an error row.
 CRASHES_BEFORE_ERROR = 2
+# Deaths of an engine that Python does not see (a native crash, a kill) a row must be in flight for before they count
+# as its failures: a single kill, by a user or for memory, is no reason to suspect the rows it interrupted.
+UNSEEN_DEATHS_TO_SUSPECT = 2
 LEDGER_TIMEOUT_S = 30.0
 
 
 @ray.remote(num_cpus=0)
 class CrashLedger:
-    """How many engine failures each row (shard id, source row) was in flight for, in one run."""
+    """How many engine failures each row (shard id, source row) was in flight for, in one run.
+
+    An engine actor tells the ledger which rows it is about to hand its engine (`hold`), with those it is done with.
+    A failure Python sees is recorded by the failing actor itself (`record`). A death it cannot see (a crash in
+    native code, a kill for memory) is found when Ray restarts the actor: the rows it held were in flight, unless its
+    node is gone (a lost node is no row's doing). Those count as a failure from the second such death they were in
+    flight for, so one kill of the process alone sends no row into isolation.
+    """
 
     def __init__(self) -> None:
         self.crashes: dict[str, dict[int, int]] = {}
-        self.actors: set[str] = set()
+        self.nodes: dict[str, str] = {}  # each engine actor's node
+        self.held: dict[str, set[tuple[str, int]]] = {}
+        self.unseen: dict[tuple[str, int], int] = {}  # deaths Python did not see, per row in flight at them
         self.restarts = 0
 
-    def started(self, actor_id: str) -> None:
-        """An engine actor came up; Ray restarts an actor under the same id."""
-        self.restarts += actor_id in self.actors
-        self.actors.add(actor_id)
+    def started(self, actor_id: str, node_id: str) -> None:
+        """An engine actor came up on this node; Ray restarts an actor under the same id."""
+        held = self.held.pop(actor_id, set())
+        if actor_id in self.nodes:
+            self.restarts += 1
+            if held and self._alive(self.nodes[actor_id]):
+                for row in held:
+                    self.unseen[row] = self.unseen.get(row, 0) + 1
+                self.record(sorted(row for row in held if self.unseen[row] >= UNSEEN_DEATHS_TO_SUSPECT))
+        self.nodes[actor_id] = node_id
+
+    def hold(self, actor_id: str, rows: list[tuple[str, int]], released: list[tuple[str, int]]) -> None:
+        """The actor is about to hand these rows to its engine, and is done with the `released` ones."""
+        held = self.held.setdefault(actor_id, set())
+        held.difference_update(map(tuple, released))
+        held.update(map(tuple, rows))
 
     def engine_restarts(self) -> int:
         """Engine actors Ray restarted (after a crash, or with a lost node) in this run."""
         return self.restarts
 
-    def record(self, rows: list[tuple[str, int]]) -> None:
+    def record(self, rows: list[tuple[str, int]], actor_id: str | None = None) -> None:
+        """These rows were in flight at an engine failure (of `actor_id`, which then holds none)."""
+        if actor_id is not None:
+            self.held.pop(actor_id, None)
         for shard, index in rows:
             counts = self.crashes.setdefault(shard, {})
             counts[index] = counts.get(index, 0) + 1
@@ -73,6 +101,10 @@ class CrashLedger:
     def of_shards(self, shards: list[str]) -> list[tuple[str, int, int]]:
         """(shard, source row, failures) of the rows of these shards that were in flight at a failure."""
         return [(shard, row, count) for shard in shards for row, count in self.crashes.get(shard, {}).items()]
+
+    @staticmethod
+    def _alive(node_id: str) -> bool:
+        return any(node["NodeID"] == node_id and node["Alive"] for node in ray.nodes())
 
 
 @dataclass(frozen=True)
@@ -222,8 +254,10 @@ class EngineStage(Stage):
         self.think_end = self.tokenizer.convert_tokens_to_ids("</think>") if config.thinking else None
         self._incoming: queue.SimpleQueue[tuple[str, Any, Any, _Request]] = queue.SimpleQueue()
         self._request_ids = itertools.count()
+        context = ray.get_runtime_context()
+        self.actor_id = context.get_actor_id()
         if config.ledger is not None:
-            config.ledger.started.remote(ray.get_runtime_context().get_actor_id())
+            config.ledger.started.remote(self.actor_id, context.get_node_id())
         threading.Thread(target=self._feed, name="engine-feeder", daemon=True).start()
         log.info("engine for %s ready in %.1f s", config.model, time.monotonic() - started)
 
@@ -383,6 +417,7 @@ class EngineStage(Stage):
         running: dict[str, _Request] = {}
         waiting: list[tuple[str, Any, Any, _Request]] = []
         suspects: list[tuple[str, Any, Any, _Request]] = []
+        released: list[tuple[str, int]] = []  # done since the ledger last heard from this actor
         while True:
             try:
                 # Wait for work only when there is none, so new rows join between steps.
@@ -399,6 +434,9 @@ class EngineStage(Stage):
                 admitted = [] if running else [suspects.pop(0)]
             else:
                 admitted, waiting = waiting, []
+            if admitted:
+                self._hold([request.row for *_, request in admitted], released)
+                released = []
             for request_id, prompt, params, request in admitted:
                 try:
                     engine.add_request(request_id, prompt, params, lora_request=request.lora_request)
@@ -421,16 +459,28 @@ class EngineStage(Stage):
                 request.batch_seconds += seconds
                 if output.finished:
                     del running[output.request_id]
+                    released.append(request.row)
                     request.future.set_result(
                         Generation.from_vllm(output, request.engine_seconds, request.batch_seconds,
                                              request.top_logprobs, image_token_id=self.image_token_id))
+
+    def _hold(self, rows: list[tuple[str, int]], released: list[tuple[str, int]]) -> None:
+        """Tell the ledger which rows the engine is about to take, before it takes them: if the process then dies
+        where Python cannot see it, the restarted actor's ledger knows which rows were in flight."""
+        if self.config.ledger is None:
+            return
+        try:
+            ray.get(self.config.ledger.hold.remote(self.actor_id, rows, released), timeout=LEDGER_TIMEOUT_S)
+        except Exception as exc:  # noqa: BLE001 - the rows are answered all the same; only a crash goes unattributed
+            log.error("could not tell the crash ledger which rows the engine takes: %s", exc)
 
     def _exit(self, why: str, running: dict[str, _Request]) -> None:
         """Record the rows in flight in the ledger, then exit so Ray restarts the actor and retries its shards."""
         log.error("%s with %d rows in flight; exiting the actor so Ray restarts it", why, len(running))
         if self.config.ledger is not None and running:
             try:
-                ray.get(self.config.ledger.record.remote([r.row for r in running.values()]), timeout=LEDGER_TIMEOUT_S)
+                ray.get(self.config.ledger.record.remote([r.row for r in running.values()], self.actor_id),
+                        timeout=LEDGER_TIMEOUT_S)
             except Exception as exc:  # noqa: BLE001 - the restart matters more than the record
                 log.error("could not record the rows in flight at the engine failure: %s", exc)
         os._exit(1)
