@@ -390,14 +390,16 @@ def test_a_submission_id_taken_by_another_job_is_refused(jobs_api: FakeJobsApi, 
     assert jobs_api.submitted == []
 
 
-def test_run_on_an_address_where_nothing_listens_fails_at_once_naming_it(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """Not minutes of Ray's reconnecting: a probe of the address first."""
+def test_run_on_an_address_where_nothing_listens_fails_at_once_naming_it(tmp_path: Path) -> None:
+    """Not minutes of Ray's reconnecting: a probe of the address first. In a process of its own, since a run in one
+    already connected to Ray (as this one may be, by other tests) uses that connection."""
     import socket
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         address = f"127.0.0.1:{probe.getsockname()[1]}"  # closed again: nothing listens there
-    code, out, err = run_cli(capsys, "run", str(write_job(tmp_path)), "--address", address)
-    assert (code, out) == (2, "")
-    assert f"Ray at {address}: nothing answers there" in err and "leave out --address and RAY_ADDRESS" in err
+    done = subprocess.run([sys.executable, "-m", "qwen_batch.jobs.cli", "run", str(write_job(tmp_path)), "--address",
+                           address], capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stdout) == (2, "")
+    assert f"Ray at {address}: nothing answers there" in done.stderr
+    assert "leave out --address and RAY_ADDRESS" in done.stderr
