@@ -25,6 +25,7 @@ __all__ = ["LOCAL_OBJECT_STORE_BYTES", "job_log_file", "ray_cluster", "ray_outpu
 log = logging.getLogger(__name__)
 
 LOCAL_OBJECT_STORE_BYTES = 512 << 20
+LOG_DIR_ENV = "QWEN_BATCH_LOG_DIR"
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # Ray's loggers that do not propagate to the root logger: each has its own console handler.
 RAY_LOGGERS = ("ray", "ray.data")
@@ -89,8 +90,10 @@ def _start_local_ray() -> None:
 
 
 def job_log_file(job_id: str, run_id: str) -> Path:
-    """Where one run of a job keeps Ray's and vLLM's output: `<temp dir>/qwen-batch/<job id>/<run id>.log`."""
-    return Path(tempfile.gettempdir()) / "qwen-batch" / job_id / f"{run_id}.log"
+    """Where one run of a job keeps Ray's and vLLM's output: `<log dir>/<job id>/<run id>.log`, the log dir being
+    $QWEN_BATCH_LOG_DIR, else `<temp dir>/qwen-batch`."""
+    root = os.environ.get(LOG_DIR_ENV) or Path(tempfile.gettempdir()) / "qwen-batch"
+    return Path(root) / job_id / f"{run_id}.log"
 
 
 @contextmanager

@@ -53,10 +53,12 @@ def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
 
 @pytest.fixture(scope="session", autouse=True)
 def private_caches(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """Keep every cache (vLLM, torch, Hugging Face, Ray, our models) inside the session's temp folder, offline."""
+    """Keep every cache (vLLM, torch, Hugging Face, our models and adapters) and the runs' log files inside the
+    session's temp folder, offline."""
     root = tmp_path_factory.mktemp("caches")
     with pytest.MonkeyPatch.context() as environment:
-        for name in ("VLLM_CACHE_ROOT", "TORCHINDUCTOR_CACHE_DIR", "XDG_CACHE_HOME", "HF_HOME", "QWEN_BATCH_MODEL_DIR"):
+        for name in ("VLLM_CACHE_ROOT", "TORCHINDUCTOR_CACHE_DIR", "XDG_CACHE_HOME", "HF_HOME", "QWEN_BATCH_MODEL_DIR",
+                     "QWEN_BATCH_ADAPTER_CACHE", "QWEN_BATCH_LOG_DIR"):
             environment.setenv(name, str(root / name.lower()))
         environment.setenv("HF_HUB_OFFLINE", "1")
         yield

@@ -123,11 +123,15 @@ def test_a_notebooks_own_stderr_keeps_our_lines_and_the_native_ones_still_go_to_
     assert "Started a local Ray instance." in logged and "core_worker.cc:2465: a native line\n" in logged
 
 
-def test_the_log_file_of_a_run_lies_under_the_temp_folder_by_job_and_run(tmp_path: Path,
-                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_log_file_of_a_run_lies_under_the_log_dir_else_the_temp_folder_by_job_and_run(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import tempfile
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setenv("QWEN_BATCH_LOG_DIR", str(tmp_path / "logs"))
+    assert job_log_file("demo-1234", "20261201T100151-abc123") == (
+        tmp_path / "logs" / "demo-1234" / "20261201T100151-abc123.log")
+    monkeypatch.delenv("QWEN_BATCH_LOG_DIR")
     assert job_log_file("demo-1234", "20261201T100151-abc123") == (
         tmp_path / "qwen-batch" / "demo-1234" / "20261201T100151-abc123.log")
 
