@@ -12,9 +12,9 @@ import yaml
 from qwen_batch.cluster.planner import PIPELINE_STAGES
 from qwen_batch.cluster.resources import NodeShape, gpu_plan, plan_models
 from qwen_batch.pipelines.storage import redact
-from qwen_batch.schemas.catalog import get_variant
+from qwen_batch.schemas.catalog import ModelVariant, get_variant
 from qwen_batch.schemas.errors import SpecError
-from qwen_batch.schemas.spec import JobSpec, ReplicaRange, load_spec
+from qwen_batch.schemas.spec import JobSpec, ModelSpec, ReplicaRange, load_spec
 
 __all__ = ["rayjob_name", "render_command", "render_configmap", "render_rayjob", "render_yaml"]
 
@@ -123,9 +123,7 @@ def _replica_layouts(spec: JobSpec, gpus_per_worker: int) -> list[tuple[int, int
     if spec.resources.accelerator == "cpu":
         raise SpecError("resources.accelerator: found 'cpu'; `render k8s` writes GPU workers. Use `auto` or `gpu`")
     layouts = []
-    for model in spec.variants:
-        variant = get_variant(model.catalog_name)
-        max_model_len = model.max_model_len or variant.context_length
+    for _, model, variant, max_model_len in _models(spec):
         # As many workers as the largest pipeline needs: the layout depends on the GPUs of one node, not their sum.
         plan = gpu_plan(spec, variant, max_model_len, gpus_per_worker * max(PIPELINE_STAGES), gpus_per_worker)
         if gpus_per_worker < plan.tensor_parallel_size:
@@ -134,6 +132,15 @@ def _replica_layouts(spec: JobSpec, gpus_per_worker: int) -> list[tuple[int, int
                             "tensor-parallel group must sit on one node. Raise --gpus-per-worker")
         layouts.append((plan.tensor_parallel_size, plan.pipeline_parallel_size))
     return layouts
+
+
+def _models(spec: JobSpec) -> list[tuple[str, ModelSpec, ModelVariant, int]]:
+    """Each model of the spec as the planner takes it: output name, spec, catalog entry and max_model_len."""
+    models = []
+    for model in spec.variants:
+        variant = get_variant(model.catalog_name)
+        models.append((model.output_name, model, variant, model.max_model_len or variant.context_length))
+    return models
 
 
 def _pods(replicas: int | str | ReplicaRange, tensor_parallel: int, stages: int, gpus_per_worker: int,
@@ -175,10 +182,7 @@ def _pods_side_by_side(spec: JobSpec, gpus_per_worker: int, workers: int) -> tup
 def _fewest_pods(spec: JobSpec, replicas: int, gpus_per_worker: int) -> int:
     """The fewest pods of `gpus_per_worker` GPUs on which the planner runs `replicas` of every model at once."""
     pinned = spec.model_copy(update={"resources": spec.resources.model_copy(update={"replicas": replicas})})
-    models = []
-    for model in spec.variants:
-        variant = get_variant(model.catalog_name)
-        models.append((model.output_name, model, variant, model.max_model_len or variant.context_length))
+    models = _models(spec)
     refused = None
     for count in range(1, replicas * len(models) + 1):
         nodes = [NodeShape(CPUS_PER_GPU * gpus_per_worker, gpus_per_worker, f"pod-{index}") for index in range(count)]

@@ -283,8 +283,8 @@ class EngineStage(Stage):
             failures = crashes.get(rows[index], 0)
             if failures >= CRASHES_BEFORE_ERROR:
                 error_types[index], errors[index] = "engine_error", (
-                    f"the engine failed {failures} times with this row in it, the last time with no other row "
-                    "beside it: the row was not answered. Check its prompt and sampling fields.")
+                    f"the engine failed with this row in it and then again with this row alone ({failures} failures "
+                    "counted against it): the row was not answered. Check its prompt and sampling fields.")
                 continue
             prompt = TokensPrompt(prompt_token_ids=token_lists[index])
             if images[index]:
