@@ -242,15 +242,19 @@ def _output_path_problems(spec: JobSpec) -> list[str]:
 
 
 def _column_problems(spec: JobSpec, files: list[storage.FileInfo], schemas: list[pa.Schema | None]) -> list[str]:
-    """Columns the spec uses that an input file lacks: Parquet footers, CSV headers, the first lines of JSONL."""
+    """Columns the spec uses that an input file lacks: Parquet footers, CSV headers, the first lines of JSONL. An
+    OpenAI batch request's chat and model are in its body, which parse_request checks row by row: only its carried
+    keys are checked here."""
     needed = [c for c in (spec.input.id_column, *prompt_columns(spec), *spec.input.carry_columns) if c]
+    if spec.input.format == "openai-batch":
+        needed = [c for c in (spec.input.id_column, *spec.input.carry_columns) if c]
     problems = []
     for info, schema in zip(files, schemas):
         columns = None if schema is None else schema.names
         missing = [c for c in needed if columns is not None and c not in columns]
         if missing:
             has = (f"the JSON objects of its first {COLUMN_SAMPLE_ROWS} lines have {columns}"
-                   if spec.input.format == "jsonl" else f"it has {columns}")
+                   if spec.input.format in ("jsonl", "openai-batch") else f"it has {columns}")
             problems.append(f"input file {storage.display_url(info.url)} has no column(s) {missing} that the spec "
                             f"uses (prompt, route_column, input.id_column or input.carry_columns); {has}")
     return problems

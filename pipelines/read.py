@@ -328,8 +328,9 @@ def input_schema(spec: InputSpec, info: storage.FileInfo) -> pa.Schema | None:
     """Columns and types of one input file: its Parquet footer's; its CSV header's, every column a string; or the keys
     of the JSON objects among its first COLUMN_SAMPLE_ROWS lines, typed from their values there (null where a key
     only ever held null, string where its values were of mixed types). None for a JSONL file with no object in that
-    sample, for OpenAI batch files and for a file that cannot be parsed (plan_shards refuses or skips it, as
-    input.on_bad_file says)."""
+    sample and for a file that cannot be parsed (plan_shards refuses or skips it, as input.on_bad_file says). An
+    OpenAI batch file is sampled as JSONL: its columns are its request lines' own keys (custom_id, method, url, body
+    and any a user adds), which is what a job can carry."""
     try:
         if spec.format == "parquet":
             return storage.read_file(info.url, _parsing(lambda handle: pq.ParquetFile(handle).schema_arrow),
@@ -338,7 +339,7 @@ def input_schema(spec: InputSpec, info: storage.FileInfo) -> pa.Schema | None:
             header = storage.read_bytes(info.url, spec.storage_options, 0, _csv_header_end(info, spec.storage_options))
             names = next(csv.reader(io.StringIO(header.decode("utf-8", "replace"), newline="")))
             return pa.schema([(name, pa.string()) for name in dict.fromkeys(names)])
-        if spec.format == "jsonl":
+        if spec.format in ("jsonl", "openai-batch"):
             return _sampled_schema(storage.read_bytes(info.url, spec.storage_options, 0,
                                                       min(info.size, COLUMN_SAMPLE_BYTES)), info.size)
     except (_BadFile, FileNotFoundError):
@@ -554,7 +555,8 @@ def _jsonl_row(shard: Shard, row_number: int, where: str, raw: bytes, config: Re
     overrides: dict[str, Any] = {}
     if config.format == "openai-batch":
         try:
-            record, overrides = parse_request(record)
+            columns, overrides = parse_request(record)
+            record = {**record, **columns}  # the line's own keys stay carriable
         except RowError as exc:
             error = _error_row(shard, row_number, exc.error_type, f"{where}: {exc}")
             if isinstance(record.get("custom_id"), str):

@@ -47,7 +47,8 @@ class InputSpec(_Strict):
     )
     carry_columns: list[str] = Field(
         default_factory=list, description="Input columns copied unchanged into every output row; not a name starting "
-        "with `_` nor one of the output columns (`id`, `source_file`, ...), which the pipeline uses itself."
+        "with `_` nor one of the output columns (`id`, `source_file`, ...), which the pipeline uses itself. For "
+        "`openai-batch` input, a request line's own keys (e.g. `url`, or one you add beside `body`)."
     )
     schema_: dict[str, str] = Field(
         default_factory=dict, alias="schema", description="Arrow types of carried columns, by name (`int64`, "

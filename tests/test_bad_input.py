@@ -863,6 +863,23 @@ def test_jsonl_column_some_sampled_rows_have_is_accepted(tmp_path: Path) -> None
     assert plan_job(load_spec(spec_of(tmp_path, input={"format": "jsonl"}))).rows == 2
 
 
+def test_openai_batch_carry_key_no_sampled_line_has_is_refused_and_one_some_have_is_accepted(tmp_path: Path) -> None:
+    """The request's chat and model are in its body (checked row by row), so only the carried keys are checked."""
+    line = {"custom_id": "c0", "method": "POST", "url": "/v1/chat/completions",
+            "body": {"model": "m", "messages": [{"role": "user", "content": "hi"}]}}
+    write_jsonl(tmp_path / "input" / "a.jsonl", [line, {**line, "custom_id": "c1", "team": "x"}])
+    spec = spec_of(tmp_path, input={"format": "openai-batch", "id_column": None, "carry_columns": ["team", "topic"]})
+    del spec["prompt"]
+
+    [problem] = planning_error(spec).problems
+
+    assert problem == (f"input file {tmp_path / 'input' / 'a.jsonl'} has no column(s) ['topic'] that the spec uses "
+                       "(prompt, route_column, input.id_column or input.carry_columns); the JSON objects of its first "
+                       f"{read.COLUMN_SAMPLE_ROWS} lines have ['custom_id', 'method', 'url', 'body', 'team']")
+    spec["input"]["carry_columns"] = ["team"]
+    assert plan_job(load_spec(spec)).carried == pa.schema([("team", pa.string())])
+
+
 @pytest.mark.parametrize(
     ("files", "found"),
     [

@@ -671,6 +671,32 @@ def test_jsonl_types_come_from_the_first_lines_and_a_later_misfit_is_an_invalid_
     assert table.column("mixed").to_pylist()[:2] == ["1", "one"]
 
 
+def test_openai_batch_lines_carry_their_own_keys_typed_from_the_first_lines(tmp_path: Path) -> None:
+    """A request line's keys besides body (custom_id, url, a key the user added) are its columns: `priority` is an
+    integer in every sampled line, `tags` a list; a request the reader refuses is an error row with them null."""
+    def request(i: int, **extra: Any) -> dict[str, Any]:
+        return {"custom_id": f"c{i}", "method": "POST", "url": "/v1/chat/completions", **extra,
+                "body": {"model": "m", "messages": [{"role": "user", "content": f"q{i}"}]}}
+
+    lines = [request(0, priority=3, tags=["a"]), request(1, priority=7, tags=[]),
+             {**request(2, priority=1, tags=["b"]), "method": "GET"}]
+    path = tmp_path / "batch.jsonl"
+    path.write_bytes(jsonl_bytes(lines))
+    fields = {"carry_columns": ["priority", "tags", "url"]}
+
+    table = read_all(path, "openai-batch", prompt_columns=("messages", "model"), **fields)
+
+    assert carried(path, "openai-batch", **fields) == pa.schema(
+        [("priority", pa.int64()), ("tags", pa.list_(pa.string())), ("url", pa.string())])
+    assert table.schema.field("priority").type == pa.int64()
+    assert table.column("id").to_pylist() == ["c0", "c1", "c2"]
+    assert table.column("priority").to_pylist() == [3, 7, None]
+    assert table.column("tags").to_pylist() == [["a"], [], None]
+    assert table.column("url").to_pylist() == ["/v1/chat/completions"] * 2 + [None]
+    assert table.column("_error_type").to_pylist() == [None, None, "invalid_request"]
+    assert prompts(table)[0] == {"messages": [{"role": "user", "content": "q0"}], "model": "m"}
+
+
 def test_declared_types_parse_csv_text_and_empty_fields_are_null(tmp_path: Path) -> None:
     path = tmp_path / "data.csv"
     path.write_text("text,n,day,flag\na,12,2026-12-01,true\nb,,2026-12-02,false\nc,x,2026-13-01,true\n")
