@@ -11,7 +11,7 @@ import yaml
 
 from qwen_batch.cluster.planner import PIPELINE_STAGES
 from qwen_batch.cluster.resources import NodeShape, gpu_plan, plan_models
-from qwen_batch.pipelines.storage import redact
+from qwen_batch.pipelines.storage import secret_fields
 from qwen_batch.schemas.catalog import ModelVariant, get_variant
 from qwen_batch.schemas.errors import SpecError
 from qwen_batch.schemas.spec import JobSpec, ModelSpec, ReplicaRange, load_spec
@@ -40,7 +40,7 @@ def rayjob_name(spec_name: str) -> str:
 def render_configmap(spec: JobSpec, *, name: str, namespace: str = "default") -> dict[str, Any]:
     """A ConfigMap holding the spec as `job.yaml`; refuses specs that carry credentials."""
     fields = spec.model_dump(mode="json", exclude_unset=True)
-    secrets = _secret_fields(fields, redact(fields))
+    secrets = secret_fields(fields)
     if secrets:
         raise SpecError(f"{', '.join(secrets)}: a ConfigMap is readable by anyone who can read the namespace; move "
                         "credentials to the Secret `qwen-batch-env` (e.g. AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, "
@@ -266,16 +266,3 @@ def _str_block(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
 
 
 _BlockDumper.add_representer(str, _str_block)
-
-
-def _secret_fields(fields: Any, redacted: Any, where: str = "") -> list[str]:
-    """Dotted paths of the values `redact` hides."""
-    if fields == redacted:
-        return []
-    if isinstance(fields, dict) and isinstance(redacted, dict):
-        return [path for key, value in fields.items()
-                for path in _secret_fields(value, redacted[key], f"{where}.{key}" if where else key)]
-    if isinstance(fields, list) and isinstance(redacted, list):
-        return [path for index, value in enumerate(fields)
-                for path in _secret_fields(value, redacted[index], f"{where}[{index}]")]
-    return [where]

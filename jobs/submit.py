@@ -28,6 +28,8 @@ from qwen_batch.schemas.errors import SpecError
 if TYPE_CHECKING:
     from ray.job_submission import JobDetails, JobSubmissionClient
 
+    from qwen_batch.schemas.spec import JobSpec
+
 __all__ = ["SubmittedJob", "job_info", "job_logs", "job_status", "list_jobs", "stop_job", "submit_job", "wait_job"]
 
 log = logging.getLogger(__name__)
@@ -85,6 +87,7 @@ def submit_job(spec_path: str, address: str, *, extra_args: list[str] | None = N
     logical_date = logical_date or logical_date_from_env()
     spec = load_spec(spec_path, logical_date)
     _check_reachable_paths(spec_path, {"input.path": spec.input.path, "output.path": spec.output.path})
+    _check_no_secrets(spec)
     dated = ["--logical-date", logical_date.isoformat()] if logical_date else []
     entrypoint = shlex.join([python, "-m", "qwen_batch.jobs.cli", "run", SPEC_NAME, *dated, *(extra_args or [])])
     client = _client(address)
@@ -218,6 +221,18 @@ def _runtime_env(folder: str, spec_path: str) -> dict[str, Any]:
         shutil.copytree(importlib.import_module(f"{NAMESPACE}.{name}").__path__[0], namespace / name,
                         ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     return {"working_dir": str(spec_folder), "py_modules": [str(namespace)], "excludes": ["__pycache__", "*.pyc"]}
+
+
+def _check_no_secrets(spec: JobSpec) -> None:
+    """The spec travels as the job's working_dir, which anyone who can reach the cluster's dashboard can download."""
+    from qwen_batch.pipelines.storage import secret_fields
+
+    secrets = secret_fields(spec.model_dump(mode="json", exclude_unset=True))
+    if secrets:
+        raise SpecError(f"{', '.join(secrets)}: `submit` uploads the spec to the cluster, where anyone who can reach "
+                        "its dashboard can read it; give credentials (e.g. AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, "
+                        "HF_TOKEN) to the cluster's own environment instead (where `ray start` runs, or the Secret its "
+                        "pods load), which the job inherits")
 
 
 def _check_reachable_paths(spec_path: str, paths: dict[str, str]) -> None:

@@ -546,3 +546,19 @@ def redact(obj: Any) -> Any:
     if isinstance(obj, str):
         return redact_text(obj)
     return obj
+
+
+def secret_fields(fields: Any) -> list[str]:
+    """Dotted paths of the values in a dict/list structure that `redact` hides."""
+    return _hidden(fields, redact(fields), "")
+
+
+def _hidden(fields: Any, redacted: Any, where: str) -> list[str]:
+    if fields == redacted:
+        return []
+    if isinstance(fields, dict) and isinstance(redacted, dict):
+        return [path for key, value in fields.items()
+                for path in _hidden(value, redacted[key], f"{where}.{key}" if where else key)]
+    if isinstance(fields, list) and isinstance(redacted, list):
+        return [path for index, value in enumerate(fields) for path in _hidden(value, redacted[index], f"{where}[{index}]")]
+    return [where]

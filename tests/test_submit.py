@@ -70,6 +70,23 @@ def test_submit_refuses_a_relative_local_path(tmp_path: Path, monkeypatch: pytes
         submit_job(str(spec), "http://127.0.0.1:9")
 
 
+@pytest.mark.parametrize(("section", "fields", "path"), [
+    ("input", {"storage_options": {"secret": "s3cr3t"}}, "input.storage_options.secret"),
+    ("engine", {"env": {"HF_TOKEN": "hf_abcdefghijklmnopqrstuvwxyz0123"}}, "engine.env.HF_TOKEN"),
+])
+def test_submit_refuses_a_spec_that_carries_credentials_naming_them(tmp_path: Path, section: str, fields: dict,
+                                                                    path: str) -> None:
+    """Before contacting the cluster (nothing listens at the address), as `render k8s` refuses a ConfigMap."""
+    spec = write_job(tmp_path, "secretive", 2)
+    raw = yaml.safe_load(spec.read_text())
+    raw[section] = {**raw.get(section, {}), **fields}
+    spec.write_text(yaml.safe_dump(raw))
+    with pytest.raises(SpecError) as raised:
+        submit_job(str(spec), "http://127.0.0.1:9")
+    assert str(raised.value).startswith(f"{path}: `submit` uploads the spec to the cluster")
+    assert "s3cr3t" not in str(raised.value) and "hf_abc" not in str(raised.value)
+
+
 def test_jobs_api_names_the_token_sources_when_no_token_is_found(ray_head: RayHead, tmp_path: Path) -> None:
     """In a process of its own, as a user runs it: Ray keeps a token it has loaded for the rest of a process."""
     env = {**os.environ, "HOME": str(tmp_path)}
