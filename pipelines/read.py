@@ -15,6 +15,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
@@ -409,25 +410,33 @@ class ShardDatasource(Datasource):
 
     A read task's output blocks are coalesced by Ray up to its target block size, so a task that yielded several
     shards could hand them downstream as one block; one shard per task cannot be merged with another.
+
+    A pass that needs no shard whole (the id check) is `grouped`: it takes the parallelism Ray asks for, each task
+    reading a run of shards, since thousands of small shards cost a task each otherwise.
     """
 
-    def __init__(self, shards: list[Shard], config: ReadConfig):
+    def __init__(self, shards: list[Shard], config: ReadConfig, *, grouped: bool = False):
         self._shards = shards
         self._config = config
+        self._grouped = grouped
 
     def estimate_inmemory_data_size(self) -> int | None:
         return sum(s.input_bytes for s in self._shards) or None
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
                        data_context: Any = None) -> list[ReadTask]:
-        return [ReadTask(partial(_read_one, shard, self._config),
-                         BlockMetadata(num_rows=shard.row_count, size_bytes=shard.input_bytes or None,
-                                       exec_stats=None, input_files=[shard.file]))
-                for shard in self._shards]
+        size = math.ceil(len(self._shards) / max(1, parallelism)) if self._grouped else 1
+        groups = [self._shards[start:start + size] for start in range(0, len(self._shards), size)]
+        return [ReadTask(partial(_read_group, group, self._config),
+                         BlockMetadata(num_rows=sum(s.row_count for s in group),
+                                       size_bytes=sum(s.input_bytes for s in group) or None, exec_stats=None,
+                                       input_files=list(dict.fromkeys(s.file for s in group))))
+                for group in groups]
 
 
-def _read_one(shard: Shard, config: ReadConfig) -> Iterator[pa.Table]:
-    yield read_shard(shard, config)
+def _read_group(shards: list[Shard], config: ReadConfig) -> Iterator[pa.Table]:
+    for shard in shards:
+        yield read_shard(shard, config)
 
 
 def read_shard(shard: Shard, config: ReadConfig) -> pa.Table:
@@ -475,8 +484,8 @@ def find_repeated_ids(shards: list[Shard], config: ReadConfig) -> list[Shard]:
 
     order = {shard.shard_id: index for index, shard in enumerate(shards)}
     ids_only = replace(config, prompt_columns=(), carried=pa.schema([]))
-    dataset = ray.data.read_datasource(ShardDatasource(shards, ids_only), override_num_blocks=len(shards),
-                                       num_cpus=0.25)
+    # Ray picks how many read tasks (at least its read_op_min_num_blocks, 200), each a run of shards.
+    dataset = ray.data.read_datasource(ShardDatasource(shards, ids_only, grouped=True), num_cpus=0.25)
     dataset.context.enable_progress_bars = False
     groups = (dataset.map_batches(_id_places, batch_format="pyarrow", batch_size=None, num_cpus=0.25)
               .groupby("id", num_partitions=max(1, min(16, len(shards) // 64)))
