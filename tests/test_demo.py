@@ -29,7 +29,7 @@ def test_the_demo_writes_its_rows_and_shows_only_its_progress_and_summary(tmp_pa
     try:
         # The README's command as a newcomer runs it: the run log in its default place, under the temp folder.
         env = {**os.environ, "TMPDIR": str(temp_dir), "QWEN_BATCH_MODEL_DIR": str(tmp_path / "models")}
-        env.pop("QWEN_BATCH_LOG_DIR")
+        env.pop("QWEN_BATCH_LOG_DIR", None)
         done = subprocess.run([sys.executable, "-m", "qwen_batch.jobs.cli", "demo", "--dir", str(tmp_path / "demo"),
                                "--rows", str(ROWS)], capture_output=True, text=True, timeout=900, env=env)
         assert done.returncode == 0, done.stderr
