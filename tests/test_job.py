@@ -183,8 +183,14 @@ def test_job_writes_one_accounted_row_per_input_row(fmt, source, destination, tm
     files = with_edge_types([reviews(20), reviews(13, start=20), reviews(1, start=33)], fmt)
     write_edge_input(input_url, files, fmt)
     carried = {"carry_columns": ["score", *EDGE_COLUMNS]} | ({"schema": {"seen_at": "int64"}} if fmt == "csv" else {})
+    bad_files = []
+    if fmt == "parquet":  # between the good files, one whose footer is garbage: skipped, as input.on_bad_file says
+        bad_files = [f"{input_url}/input/part-1-corrupt.parquet"]
+        storage.write_bytes(bad_files[0], b"PAR1 not a parquet file at all PAR1")
+        carried["on_bad_file"] = "skip"
     manifest = run_job(load_spec(job_spec(input_url, fmt, output_url, input=carried)))
     assert manifest.shards == 4  # 16 + 4, 13, 1 rows
+    assert manifest.bad_files == read_manifest(f"{output_url}/output")["bad_files"] == bad_files
     table = read_output(f"{output_url}/output")
     check_accounting(table, read_manifest(f"{output_url}/output"), [r for f in files for r in f], tiny_models["qwen2"])
     check_readers(f"{output_url}/output", manifest.rows_in)
