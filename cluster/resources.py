@@ -58,6 +58,10 @@ class ReplicaPlan:
         """Accelerators one replica holds, every pipeline stage's (a CPU engine counts one)."""
         return self.tensor_parallel_size * self.pipeline_parallel_size if self.accelerator == "gpu" else 1
 
+    def asks(self) -> dict[str, float]:
+        """What one replica asks the cluster for: its actor's CPUs and its accelerators."""
+        return {"CPU": self.num_cpus, **({"GPU": self.accelerators_per_replica} if self.accelerator == "gpu" else {})}
+
     @property
     def accelerators(self) -> int:
         """Accelerators all replicas hold together at the start."""

@@ -457,7 +457,7 @@ def _run_turn(plan: JobPlan, run: RunAccount, work: list[tuple[ModelPlan, list[S
         models.append(ModelStages(prompt, engine, write, replica_plan.placement(),
                                   frozenset(s.shard_id for s in todo), new_crash_ledger()))
     shards = [s for s in plan.shards if any(s.shard_id in m.shards for m in models)]
-    dataset = build_dataset(shards, read, models)
+    dataset = build_dataset(shards, read, models, plan.spec.resources.start_timeout_s)
     try:
         with run.holding(sum(r.accelerators for r in replicas)):
             run.shards_committed += _follow(dataset, plan, work, started, errors)

@@ -7,6 +7,7 @@ pools, each working on its own rows only (see pipelines.stage); one write stage 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -15,6 +16,8 @@ import pyarrow as pa
 
 import ray
 from ray.data import ActorPoolStrategy, Dataset
+from ray.data._internal.execution.execution_callback import ExecutionCallback
+from ray.data._internal.execution.operators.actor_pool_map_operator import ActorPoolMapOperator
 
 from qwen_batch.cluster.resources import Placement
 from qwen_batch.pipelines.engine import EngineConfig, EngineStage, shards_in_flight
@@ -30,6 +33,8 @@ WRITE_CPUS = 0.25
 # Blocks are whole shards: Ray slices a block only past 1.5x this target, and planning keeps every shard far below it
 # (pipelines.read.MAX_SHARD_BYTES).
 MAX_BLOCK_BYTES = 4 << 30
+# The dataset's DataContext config the start watch reads: (seconds, [(stage, model, what each actor asks for)]).
+START_WATCH = "qwen_batch.actor_pools"
 
 
 @dataclass(frozen=True)
@@ -49,9 +54,11 @@ class ModelStages:
         return self.write.variant
 
 
-def build_dataset(shards: list[Shard], read: ReadConfig, models: Sequence[ModelStages]) -> Dataset:
+def build_dataset(shards: list[Shard], read: ReadConfig, models: Sequence[ModelStages],
+                  start_timeout_s: float) -> Dataset:
     """A lazy dataset whose rows are one summary per committed (model, shard); iterating it runs the job. `shards`
-    are those any of the models still runs; each is read once."""
+    are those any of the models still runs; each is read once. Iterating raises PoolsDidNotStart when an actor pool
+    has no actor running `start_timeout_s` after the run began."""
     check_wiring([*BLOCK_SCHEMA.names, *read.carry_columns], [PromptStage, EngineStage, WriteStage])
     dataset = ray.data.read_datasource(ShardDatasource(shards, read), override_num_blocks=len(shards),
                                        num_cpus=READ_CPUS)
@@ -63,8 +70,57 @@ def build_dataset(shards: list[Shard], read: ReadConfig, models: Sequence[ModelS
                                   batch_format="pyarrow", num_cpus=READ_CPUS)
     for model in models:
         dataset = _model_stages(dataset, model, shards)
-    return dataset.map_batches(WriteStage(*(m.write for m in models)), batch_size=None, batch_format="pyarrow",
-                               num_cpus=WRITE_CPUS)
+    dataset = dataset.map_batches(WriteStage(*(m.write for m in models)), batch_size=None, batch_format="pyarrow",
+                                  num_cpus=WRITE_CPUS)
+    pools = [pool for m in models for pool in ((PromptStage.__name__, m.name, {"CPU": PROMPT_CPUS}),
+                                               (EngineStage.__name__, m.name, m.placement.plan.asks()))]
+    dataset.context.set_config(START_WATCH, (start_timeout_s, pools))
+    dataset.context.custom_execution_callback_classes = [*dataset.context.custom_execution_callback_classes,
+                                                         _StartWatch]
+    return dataset
+
+
+class PoolsDidNotStart(RuntimeError):
+    """An actor pool of the job had no actor running within resources.start_timeout_s."""
+
+
+class _StartWatch(ExecutionCallback):
+    """Fails the run when one of its actor pools has no actor running `start_timeout_s` after the run began: an actor
+    the cluster has no room for (nor gets, when it autoscales) would otherwise be waited for without end."""
+
+    def __init__(self) -> None:
+        self.began = time.monotonic()
+        self.started = False
+
+    def before_execution_starts(self, executor: Any) -> None:
+        self.began = time.monotonic()
+
+    def on_execution_step(self, executor: Any) -> None:
+        watch = executor._data_context.get_config(START_WATCH)  # noqa: SLF001 - the executor's own context
+        if self.started or watch is None:
+            return
+        timeout_s, pools = watch
+        ops = [op for op in executor._topology if isinstance(op, ActorPoolMapOperator)]  # noqa: SLF001
+        waiting = []
+        for stage in {stage for stage, _, _ in pools}:  # each stage's operators are in the models' order
+            of_stage = [op for op in ops if stage in op.name]
+            waiting += [(stage, model, asks) for (_, model, asks), op
+                        in zip([p for p in pools if p[0] == stage], of_stage) if not op.get_actor_info().running]
+        if not waiting:
+            self.started = True
+        elif time.monotonic() - self.began > timeout_s:
+            what = "; ".join(f"{'engine replicas' if stage == EngineStage.__name__ else 'prompt actors'} of {model}, "
+                             f"each asking for {asks}" for stage, model, asks in sorted(waiting, key=str))
+            free = {name: round(value, 2) for name, value in sorted(ray.available_resources().items())
+                    if name in ("CPU", "GPU")}
+            total = {name: round(value, 2) for name, value in sorted(ray.cluster_resources().items())
+                     if name in ("CPU", "GPU")}
+            raise PoolsDidNotStart(
+                f"no actor of these started within resources.start_timeout_s ({timeout_s:g} s): {what}; the Ray "
+                f"cluster has {free} free of {total}. Give the cluster room for them (`ray status` shows what is "
+                "free and what waits), ask for less per replica (resources.cpus_per_replica, "
+                "resources.tensor_parallel_size), or raise resources.start_timeout_s when loading the model takes "
+                "longer")
 
 
 def _model_stages(dataset: Dataset, model: ModelStages, shards: list[Shard]) -> Dataset:

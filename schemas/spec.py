@@ -441,6 +441,11 @@ class ResourcesSpec(_Strict):
     cpus_per_replica: float = Field(
         1.0, gt=0, description="Ray CPUs each engine actor asks for (on CPU engines the compute is the whole node)."
     )
+    start_timeout_s: float = Field(
+        3600.0, gt=0, description="Seconds each model's engine replicas and prompt actors may take to have one actor "
+        "running (scheduled, a new node of an autoscaling cluster included, and the model loaded); past it the run "
+        "fails naming what did not start and what the cluster has free, instead of waiting without end."
+    )
 
 
 class EngineSpec(_Strict):

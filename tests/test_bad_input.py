@@ -1068,6 +1068,30 @@ def test_a_run_that_fails_leaves_a_run_record_with_its_accelerator_seconds(
     assert lease_files(parquet_input) == []
 
 
+def test_an_engine_the_cluster_has_no_room_for_fails_the_run_within_start_timeout_naming_it(
+        parquet_input: Path, ray_local: None, tiny_models: dict[str, Path]) -> None:
+    """An autoscaling pool is not checked against the nodes at planning (the cluster may grow): on the session's
+    2-CPU Ray no node ever has room for a replica of 64 CPUs, so the run ends after start_timeout_s with no engine."""
+    from qwen_batch.pipelines.pipeline import PoolsDidNotStart
+
+    spec = spec_of(parquet_input, model={"variant": "tiny-qwen2"},
+                   resources={"replicas": {"min": 1, "max": 1}, "cpus_per_replica": 64, "start_timeout_s": 3})
+    started = time.monotonic()
+
+    with pytest.raises(PoolsDidNotStart) as raised:
+        run_job(load_spec(spec))
+
+    assert time.monotonic() - started < 120
+    message = str(raised.value)
+    # (the prompt actor, still loading its tokenizer 3 s in, may be named too)
+    assert message.startswith("no actor of these started within resources.start_timeout_s (3 s): engine replicas of "
+                              "tiny-qwen2, each asking for {'CPU': 64.0}; ")
+    assert "; the Ray cluster has {'CPU': " in message and "free of {'CPU': 2.0}" in message
+    assert "raise resources.start_timeout_s" in message
+    [record] = run_records(parquet_input)
+    assert record["outcome"] == "failed" and record["error"].startswith("PoolsDidNotStart: no actor of these")
+
+
 def test_a_failed_run_counts_in_the_next_runs_manifest(parquet_input: Path, monkeypatch: pytest.MonkeyPatch, ray_local: None) -> None:
     def fail() -> int:
         time.sleep(0.1)
