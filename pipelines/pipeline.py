@@ -25,6 +25,7 @@ from qwen_batch.pipelines.prompts import PromptConfig, PromptStage
 from qwen_batch.pipelines.read import BLOCK_SCHEMA, ReadConfig, Shard, ShardDatasource
 from qwen_batch.pipelines.stage import MODEL_COLUMN, check_wiring
 from qwen_batch.pipelines.write import WriteConfig, WriteStage
+from qwen_batch.schemas.errors import SpecError
 
 # Logical CPUs asked for by the light stages, so that on a small node they never starve the engine actor.
 READ_CPUS = 0.25
@@ -80,8 +81,8 @@ def build_dataset(shards: list[Shard], read: ReadConfig, models: Sequence[ModelS
     return dataset
 
 
-class PoolsDidNotStart(RuntimeError):
-    """An actor pool of the job had no actor running within resources.start_timeout_s."""
+class PoolsDidNotStart(SpecError):
+    """An actor pool of the job had no actor running within resources.start_timeout_s: the job cannot start."""
 
 
 class _StartWatch(ExecutionCallback):
