@@ -112,16 +112,17 @@ class _StartWatch(ExecutionCallback):
         elif time.monotonic() - self.began > timeout_s:
             what = "; ".join(f"{'engine replicas' if stage == EngineStage.__name__ else 'prompt actors'} of {model}, "
                              f"each asking for {asks}" for stage, model, asks in sorted(waiting, key=str))
-            free = {name: round(value, 2) for name, value in sorted(ray.available_resources().items())
-                    if name in ("CPU", "GPU")}
-            total = {name: round(value, 2) for name, value in sorted(ray.cluster_resources().items())
-                     if name in ("CPU", "GPU")}
             raise PoolsDidNotStart(
                 f"no actor of these started within resources.start_timeout_s ({timeout_s:g} s): {what}; the Ray "
-                f"cluster has {free} free of {total}. Give the cluster room for them (`ray status` shows what is "
+                f"cluster has {_cpus_and_gpus(ray.available_resources())} free of "
+                f"{_cpus_and_gpus(ray.cluster_resources())}. Give the cluster room for them (`ray status` shows what is "
                 "free and what waits), ask for less per replica (resources.cpus_per_replica, "
                 "resources.tensor_parallel_size), or raise resources.start_timeout_s when loading the model takes "
                 "longer")
+
+
+def _cpus_and_gpus(resources: dict[str, float]) -> dict[str, float]:
+    return {name: round(value, 2) for name, value in sorted(resources.items()) if name in ("CPU", "GPU")}
 
 
 def _model_stages(dataset: Dataset, model: ModelStages, shards: list[Shard]) -> Dataset:
