@@ -298,6 +298,26 @@ def test_jsonl_carry_columns_keep_their_types_and_are_null_on_error_rows(tmp_pat
     assert table.column("mixed").to_pylist() == ["1", None, "three"]
 
 
+def test_a_shard_too_large_for_one_ray_block_is_refused_naming_a_rows_per_shard_that_fits(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ray slices a block past its size target, and a sliced shard never commits whole: planning refuses it. The
+    limit is 512 MiB; here it is lowered to 200 bytes, which 23 rows of about 30 bytes pass in one shard."""
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(jsonl_bytes(RECORDS))
+    monkeypatch.setattr(read, "MAX_SHARD_BYTES", 200)
+    per_row = len(jsonl_bytes(RECORDS)) / len(RECORDS)
+
+    with pytest.raises(SpecError) as raised:
+        plan(path, "jsonl", rows_per_shard=64)
+
+    fits = int(200 / per_row)
+    assert str(raised.value).startswith(f"input file {path}: rows 0-22 make a shard of 0 MiB, over the 0 MiB a shard "
+                                        "may hold (it travels as one Ray block). ")
+    assert str(raised.value).endswith(f"Set input.rows_per_shard to {fits} or less (today 64).")
+    shards, _ = plan(path, "jsonl", rows_per_shard=fits)
+    assert sum(s.row_count for s in shards) == len(RECORDS) and max(s.input_bytes for s in shards) <= 200
+
+
 def test_shard_ids_are_stable_across_plans_and_unique(tmp_path: Path) -> None:
     path = tmp_path / "data.jsonl"
     path.write_bytes(jsonl_bytes(RECORDS))
