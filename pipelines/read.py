@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import re
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from functools import partial
@@ -25,6 +26,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import ray
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
@@ -39,6 +41,9 @@ SCAN_CHUNK_BYTES = 16 << 20
 # A shard travels as one Arrow block, which Ray slices when it is far over its target size: a shard must stay well
 # below the block size the pipeline sets (pipelines.pipeline.MAX_BLOCK_BYTES).
 MAX_SHARD_BYTES = 512 << 20
+# The cross-shard id check (find_repeated_ids): rows one reading task takes, and rows one grouping task holds.
+ID_CHECK_ROWS_PER_TASK = 50_000
+ID_CHECK_ROWS_PER_PARTITION = 1_000_000
 # The most bytes one JSONL line or CSV record may hold; a longer one becomes a `row_too_large` error row, read past
 # chunk by chunk and never held whole. Python's csv module refuses fields over 128 KiB unless told otherwise.
 MAX_ROW_BYTES = 16 << 20
@@ -410,33 +415,25 @@ class ShardDatasource(Datasource):
 
     A read task's output blocks are coalesced by Ray up to its target block size, so a task that yielded several
     shards could hand them downstream as one block; one shard per task cannot be merged with another.
-
-    A pass that needs no shard whole (the id check) is `grouped`: it takes the parallelism Ray asks for, each task
-    reading a run of shards, since thousands of small shards cost a task each otherwise.
     """
 
-    def __init__(self, shards: list[Shard], config: ReadConfig, *, grouped: bool = False):
+    def __init__(self, shards: list[Shard], config: ReadConfig):
         self._shards = shards
         self._config = config
-        self._grouped = grouped
 
     def estimate_inmemory_data_size(self) -> int | None:
         return sum(s.input_bytes for s in self._shards) or None
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
                        data_context: Any = None) -> list[ReadTask]:
-        size = math.ceil(len(self._shards) / max(1, parallelism)) if self._grouped else 1
-        groups = [self._shards[start:start + size] for start in range(0, len(self._shards), size)]
-        return [ReadTask(partial(_read_group, group, self._config),
-                         BlockMetadata(num_rows=sum(s.row_count for s in group),
-                                       size_bytes=sum(s.input_bytes for s in group) or None, exec_stats=None,
-                                       input_files=list(dict.fromkeys(s.file for s in group))))
-                for group in groups]
+        return [ReadTask(partial(_read_one, shard, self._config),
+                         BlockMetadata(num_rows=shard.row_count, size_bytes=shard.input_bytes or None,
+                                       exec_stats=None, input_files=[shard.file]))
+                for shard in self._shards]
 
 
-def _read_group(shards: list[Shard], config: ReadConfig) -> Iterator[pa.Table]:
-    for shard in shards:
-        yield read_shard(shard, config)
+def _read_one(shard: Shard, config: ReadConfig) -> Iterator[pa.Table]:
+    yield read_shard(shard, config)
 
 
 def read_shard(shard: Shard, config: ReadConfig) -> pa.Table:
@@ -476,31 +473,52 @@ def _flag_duplicate_ids(shard: Shard, rows: list[dict[str, Any]]) -> None:
 def find_repeated_ids(shards: list[Shard], config: ReadConfig) -> list[Shard]:
     """The shards, with the rows of each whose id a row of an earlier shard has (Shard.repeats).
 
-    One Ray Data pass reads every shard's ids and groups them by id with a hash shuffle, so no process holds all
-    of them; only the ids used more than once come back to the driver. Rows that are error rows anyway, or repeat an
-    id earlier in their own shard, take no part (read_shard flags those itself)."""
-    import ray.data
-    from ray.data.aggregate import AsList, Count
+    A map-reduce on Ray: tasks read runs of whole shards (ID_CHECK_ROWS_PER_TASK rows or so, and at least two tasks
+    per CPU of the cluster) and split their rows' ids by a hash of the id into partitions of about
+    ID_CHECK_ROWS_PER_PARTITION rows; one task per partition groups its ids with Arrow and keeps those used more than
+    once. No process holds all the ids, and only the repeated ones come back to the driver. Rows that are error rows
+    anyway, or repeat an id earlier in their own shard, take no part (read_shard flags those itself)."""
+    import ray
 
-    order = {shard.shard_id: index for index, shard in enumerate(shards)}
+    rows = sum(shard.row_count for shard in shards)
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    tasks = min(len(shards), max(math.ceil(rows / ID_CHECK_ROWS_PER_TASK), 2 * cpus))
+    partitions = max(1, math.ceil(rows / ID_CHECK_ROWS_PER_PARTITION))
     ids_only = replace(config, prompt_columns=(), carried=pa.schema([]))
-    # Ray picks how many read tasks (at least its read_op_min_num_blocks, 200), each a run of shards.
-    dataset = ray.data.read_datasource(ShardDatasource(shards, ids_only, grouped=True), num_cpus=0.25)
-    dataset.context.enable_progress_bars = False
-    groups = (dataset.map_batches(_id_places, batch_format="pyarrow", batch_size=None, num_cpus=0.25)
-              .groupby("id", num_partitions=max(1, min(16, len(shards) // 64)))
-              .aggregate(Count(alias_name="uses"), AsList("place", alias_name="places"))
-              .map_batches(lambda table: table.filter(pc.greater(table["uses"], 1)), batch_format="pyarrow",
-                           batch_size=None, num_cpus=0.25))
+    size = math.ceil(len(shards) / tasks)
+    mapped = [_id_partitions.options(num_returns=partitions).remote(shards[start:start + size], ids_only, partitions)
+              for start in range(0, len(shards), size)]
+    by_partition = zip(*mapped) if partitions > 1 else [mapped]
+    found = ray.get([_repeated_ids.remote(*parts) for parts in by_partition])
+    order = {shard.shard_id: index for index, shard in enumerate(shards)}
     repeats: dict[str, list[tuple[int, str]]] = {}
-    for group in groups.iter_rows():
-        places = sorted(((order[shard], int(row)) for shard, row in (place.split(":") for place in group["places"])))
-        first_shard, first_row = places[0]
-        first = f"row {first_row} of {_shown(shards[first_shard])}"
-        for index, row in places[1:]:
-            repeats.setdefault(shards[index].shard_id, []).append((row, first))
+    for table in found:
+        for group in table.column("place_list").to_pylist():
+            places = sorted((order[shard], int(row)) for shard, row in (place.split(":") for place in group))
+            first_shard, first_row = places[0]
+            first = f"row {first_row} of {_shown(shards[first_shard])}"
+            for index, row in places[1:]:
+                repeats.setdefault(shards[index].shard_id, []).append((row, first))
     return [replace(shard, repeats=tuple(sorted(repeats[shard.shard_id]))) if shard.shard_id in repeats else shard
             for shard in shards]
+
+
+@ray.remote(num_cpus=0.25)
+def _id_partitions(shards: list[Shard], config: ReadConfig, partitions: int) -> pa.Table | list[pa.Table]:
+    """The ids of these shards' rows with their places, split into `partitions` by a hash of the id (crc32: the same
+    in every process, unlike Python's str hash)."""
+    table = pa.concat_tables([_id_places(read_shard(shard, config)) for shard in shards])
+    if partitions == 1:
+        return table
+    buckets = pa.array([zlib.crc32(row_id.encode()) % partitions for row_id in table.column("id").to_pylist()])
+    return [table.filter(pc.equal(buckets, partition)) for partition in range(partitions)]
+
+
+@ray.remote(num_cpus=0.25)
+def _repeated_ids(*parts: pa.Table) -> pa.Table:
+    """Of one partition's ids, those used more than once, each with the list of its places."""
+    grouped = pa.concat_tables(parts).group_by("id").aggregate([("place", "count"), ("place", "list")])
+    return grouped.filter(pc.greater(grouped.column("place_count"), 1))
 
 
 def _id_places(block: pa.Table) -> pa.Table:

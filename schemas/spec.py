@@ -60,7 +60,7 @@ class InputSpec(_Strict):
     )
     unique_ids: bool | None = Field(
         None, description="Check that no two rows share an id across the whole input, before the engines start: one "
-        "Ray Data pass over the ids, grouped by id with a hash shuffle, so memory stays bounded. A row repeating an "
+        "pass of Ray tasks over the ids, split by a hash of the id and grouped per partition, so memory stays bounded. A row repeating an "
         "earlier row's id becomes a `duplicate_id` error row; the first is answered. Default: on for `openai-batch` "
         "(a custom_id must be unique), off otherwise, where only repeats within a shard are found. Needs an id "
         "column."

@@ -743,28 +743,14 @@ def write_repeated_ids(folder: Path) -> Path:
     return folder
 
 
-@pytest.mark.parametrize(("parallelism", "tasks"), [(1, 1), (4, 4), (7, 6), (200, 12)])  # 12 shards: runs of 12, 3, 2, 1
-def test_read_tasks_hold_one_shard_each_unless_grouped_then_runs_of_shards_in_order(tmp_path: Path, parallelism: int,
-                                                                                    tasks: int) -> None:
-    path = tmp_path / "data.jsonl"
-    path.write_bytes(jsonl_bytes(RECORDS))
-    spec = InputSpec(path=str(path), format="jsonl", rows_per_shard=2)
-    shards, _ = plan_shards(spec, list_files(str(path)))
-    config = ReadConfig.of(spec, ["text"])
-
-    whole = read.ShardDatasource(shards, config).get_read_tasks(parallelism)
-    grouped = read.ShardDatasource(shards, config, grouped=True).get_read_tasks(parallelism)
-
-    assert [task.metadata.num_rows for task in whole] == [s.row_count for s in shards]
-    assert len(grouped) == tasks
-    blocks = [block for task in grouped for block in task()]
-    assert [block.column("_shard")[0].as_py() for block in blocks] == [s.shard_id for s in shards]
-    assert sum(task.metadata.num_rows for task in grouped) == len(RECORDS)
-
-
 @pytest.mark.s3  # the session's Ray starts after the S3 server
+@pytest.mark.parametrize(("rows_per_task", "rows_per_partition"), [(50_000, 1_000_000), (3, 4)],
+                         ids=["one-partition", "tasks-of-two-shards-and-partitions-of-about-4-rows"])
 def test_ids_repeated_across_shards_and_files_are_duplicate_id_rows_and_the_first_is_answered(
-        tmp_path: Path, ray_local: None) -> None:
+        tmp_path: Path, ray_local: None, monkeypatch: pytest.MonkeyPatch, rows_per_task: int,
+        rows_per_partition: int) -> None:
+    monkeypatch.setattr(read, "ID_CHECK_ROWS_PER_TASK", rows_per_task)
+    monkeypatch.setattr(read, "ID_CHECK_ROWS_PER_PARTITION", rows_per_partition)
     spec = InputSpec(path=str(write_repeated_ids(tmp_path / "in")), format="jsonl", id_column="rid", rows_per_shard=2)
     config = ReadConfig.of(spec, ["text"])
     shards, _ = plan_shards(spec, list_files(spec.path))
