@@ -245,9 +245,8 @@ def _column_problems(spec: JobSpec, files: list[storage.FileInfo], schemas: list
     """Columns the spec uses that an input file lacks: Parquet footers, CSV headers, the first lines of JSONL. An
     OpenAI batch request's chat and model are in its body, which parse_request checks row by row: only its carried
     keys are checked here."""
-    needed = [c for c in (spec.input.id_column, *prompt_columns(spec), *spec.input.carry_columns) if c]
-    if spec.input.format == "openai-batch":
-        needed = [c for c in (spec.input.id_column, *spec.input.carry_columns) if c]
+    prompt = prompt_columns(spec) if spec.input.format != "openai-batch" else []
+    needed = [c for c in (spec.input.id_column, *prompt, *spec.input.carry_columns) if c]
     problems = []
     for info, schema in zip(files, schemas):
         columns = None if schema is None else schema.names

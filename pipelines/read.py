@@ -478,8 +478,6 @@ def find_repeated_ids(shards: list[Shard], config: ReadConfig) -> list[Shard]:
     ID_CHECK_ROWS_PER_PARTITION rows; one task per partition groups its ids with Arrow and keeps those used more than
     once. No process holds all the ids, and only the repeated ones come back to the driver. Rows that are error rows
     anyway, or repeat an id earlier in their own shard, take no part (read_shard flags those itself)."""
-    import ray
-
     rows = sum(shard.row_count for shard in shards)
     cpus = int(ray.cluster_resources().get("CPU", 1))
     tasks = min(len(shards), max(math.ceil(rows / ID_CHECK_ROWS_PER_TASK), 2 * cpus))
