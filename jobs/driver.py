@@ -32,8 +32,8 @@ from qwen_batch.pipelines.engine import EngineConfig
 from qwen_batch.pipelines.images import ImageConfig
 from qwen_batch.pipelines.adapters import Adapter, engine_args, inspect_adapter
 from qwen_batch.pipelines.prompts import AdapterChoice, PromptConfig, Routes
-from qwen_batch.pipelines.read import (COLUMN_SAMPLE_ROWS, ReadConfig, Shard, carried_schema, find_repeated_ids,
-                                       input_schema, plan_shards)
+from qwen_batch.pipelines.read import (COLUMN_SAMPLE_ROWS, ReadConfig, Repeats, Shard, carried_schema, input_schema,
+                                       plan_shards, start_repeated_ids)
 from qwen_batch.pipelines.structured import StructuredOutput
 from qwen_batch.pipelines.weights import MODEL_DIR_ENV, checkpoint_files, is_remote, model_dir  # noqa: F401
 from qwen_batch.pipelines.write import OPENAI_DIR, Layout, WriteConfig, read_commit
@@ -43,6 +43,8 @@ from qwen_batch.schemas.results import CommitRecord, JobManifest, LeaseRecord, R
 from qwen_batch.schemas.spec import JobSpec, ModelSpec
 
 if TYPE_CHECKING:
+    import ray
+
     from qwen_batch.cluster.resources import ReplicaPlan
 
 log = logging.getLogger(__name__)
@@ -103,7 +105,7 @@ class JobPlan:
     them to refuse a resume over changed input."""
     overwrite: bool = False
     """Whether the run empties the output folder when it claims it (--overwrite)."""
-    repeats: dict[str, tuple[tuple[int, str], ...]] | None = None
+    repeats: Repeats | None = None
     """From the job record, when an earlier run's id check (input.unique_ids) ran over this same input: by shard id,
     its rows that repeat an earlier row's id (Shard.repeats), so a resume does not read every shard again for it."""
 
@@ -432,18 +434,20 @@ def _run(plan: JobPlan, run: RunAccount, address: str | None, verbose: bool) -> 
         if work:
             with ray_output(job_log_file(plan.job_id, run_id), verbose=verbose), ray_cluster(address):
                 check_node_paths(spec, [model.model for model in plan.models])
-                if spec.input.checks_unique_ids:
-                    plan, work = _with_repeated_ids(plan, work)
+                ids = _IdCheck(plan) if spec.input.checks_unique_ids else None
                 turns = plan_models(spec, [(m.name, m.spec, m.variant, m.max_model_len) for m, _ in work],
                                     cluster_nodes(), {m.name: m.lora_slots(spec.engine.max_loras) for m, _ in work})
                 for turn in turns:
-                    _run_turn(plan, run, work[:len(turn)], turn, errors)
+                    _run_turn(plan, run, work[:len(turn)], turn, errors, ids.repeats if ids else None)
                     work = work[len(turn):]
+                if ids is not None:
+                    ids.wait()
 
 
 def _run_turn(plan: JobPlan, run: RunAccount, work: list[tuple[ModelPlan, list[Shard]]],
-              replicas: list[ReplicaPlan], errors: ErrorRate) -> None:
-    """Models side by side on one pipeline that reads each of their uncommitted shards once."""
+              replicas: list[ReplicaPlan], errors: ErrorRate, repeats: ray.ObjectRef | None) -> None:
+    """Models side by side on one pipeline that reads each of their uncommitted shards once (flagging `repeats`,
+    the id check's result, when given)."""
     import ray
 
     from qwen_batch.pipelines.engine import new_crash_ledger
@@ -456,7 +460,7 @@ def _run_turn(plan: JobPlan, run: RunAccount, work: list[tuple[ModelPlan, list[S
         models.append(ModelStages(prompt, engine, write, replica_plan.placement(),
                                   frozenset(s.shard_id for s in todo), new_crash_ledger()))
     shards = [s for s in plan.shards if any(s.shard_id in m.shards for m in models)]
-    dataset = build_dataset(shards, read, models, plan.spec.resources.start_timeout_s)
+    dataset = build_dataset(shards, read, models, plan.spec.resources.start_timeout_s, repeats)
     try:
         with run.holding(sum(r.accelerators for r in replicas)):
             run.shards_committed += _follow(dataset, plan, work, started, errors)
@@ -466,23 +470,45 @@ def _run_turn(plan: JobPlan, run: RunAccount, work: list[tuple[ModelPlan, list[S
     run.engine_restarts += sum(ray.get([model.ledger.engine_restarts.remote() for model in models]))
 
 
-def _with_repeated_ids(plan: JobPlan, work: list[tuple[ModelPlan, list[Shard]]]
-                       ) -> tuple[JobPlan, list[tuple[ModelPlan, list[Shard]]]]:
-    """The plan and the work with each shard knowing which of its rows repeat an id used earlier in the input (read's
-    find_repeated_ids, over every shard: an id's first use may lie in a committed one)."""
-    if plan.repeats is None:
-        started = time.monotonic()
-        found = find_repeated_ids(plan.shards, ReadConfig.of(plan.spec.input, prompt_columns(plan.spec), plan.carried))
+class _IdCheck:
+    """A run's cross-shard id check (input.unique_ids), running while the engines start: the read tasks wait on its
+    result (`repeats`, a Ray reference), and once found it goes into the job record, so that later runs over the same
+    input take it from there instead of reading every shard again."""
+
+    def __init__(self, plan: JobPlan):
+        import ray
+
+        self._keeper: threading.Thread | None = None
+        if plan.repeats is not None:
+            log.info("id check: %d row(s) repeat an earlier row's id, as the job record says from an earlier run",
+                     sum(map(len, plan.repeats.values())))
+            self.repeats = ray.put(plan.repeats)
+            return
+        config = ReadConfig.of(plan.spec.input, prompt_columns(plan.spec), plan.carried)
+        self.repeats = start_repeated_ids(plan.shards, config)  # over every shard: a first use may be committed
+        self._keeper = threading.Thread(target=self._keep, args=(plan, time.monotonic()), name="id-check",
+                                        daemon=True)
+        self._keeper.start()
+
+    def _keep(self, plan: JobPlan, started: float) -> None:
+        import ray
+
+        try:
+            found = ray.get(self.repeats)
+        except Exception as error:  # noqa: BLE001 - the read tasks wait on the same result and fail the run with it
+            log.warning("id check did not finish: %s", error)
+            return
         log.info("id check: %d row(s) repeat an earlier row's id and become duplicate_id rows (%.1f s over %d rows)",
-                 sum(len(s.repeats) for s in found), time.monotonic() - started, plan.rows)
-        plan = replace(plan, repeats={s.shard_id: s.repeats for s in found if s.repeats})
-        _write_record(plan)
-    else:
-        log.info("id check: %d row(s) repeat an earlier row's id, as the job record says from an earlier run",
-                 sum(map(len, plan.repeats.values())))
-    plan = replace(plan, shards=[replace(s, repeats=plan.repeats.get(s.shard_id, ())) for s in plan.shards])
-    by_id = {s.shard_id: s for s in plan.shards}
-    return plan, [(model, [by_id[s.shard_id] for s in todo]) for model, todo in work]
+                 sum(map(len, found.values())), time.monotonic() - started, plan.rows)
+        try:
+            _write_record(replace(plan, repeats=found))
+        except Exception as error:  # noqa: BLE001 - a later run checks again; this one has what it needs
+            log.warning("id check: the job record could not keep its result, so a later run checks again: %s", error)
+
+    def wait(self) -> None:
+        """Until the result is in the job record (or the check failed)."""
+        if self._keeper is not None:
+            self._keeper.join()
 
 
 class ErrorRateExceeded(Exception):

@@ -55,13 +55,14 @@ class ModelStages:
         return self.write.variant
 
 
-def build_dataset(shards: list[Shard], read: ReadConfig, models: Sequence[ModelStages],
-                  start_timeout_s: float) -> Dataset:
+def build_dataset(shards: list[Shard], read: ReadConfig, models: Sequence[ModelStages], start_timeout_s: float,
+                  repeats: ray.ObjectRef | None) -> Dataset:
     """A lazy dataset whose rows are one summary per committed (model, shard); iterating it runs the job. `shards`
-    are those any of the models still runs; each is read once. Iterating raises PoolsDidNotStart when an actor pool
-    has no actor running `start_timeout_s` after the run began."""
+    are those any of the models still runs; each is read once, flagging the rows `repeats` (the id check's result,
+    pipelines.read.start_repeated_ids) names. Iterating raises PoolsDidNotStart when an actor pool has no actor
+    running `start_timeout_s` after the run began."""
     check_wiring([*BLOCK_SCHEMA.names, *read.carry_columns], [PromptStage, EngineStage, WriteStage])
-    dataset = ray.data.read_datasource(ShardDatasource(shards, read), override_num_blocks=len(shards),
+    dataset = ray.data.read_datasource(ShardDatasource(shards, read, repeats), override_num_blocks=len(shards),
                                        num_cpus=READ_CPUS)
     # The dataset's own copy of the DataContext: every later stage inherits it, the process-wide one is untouched.
     dataset.context.target_max_block_size = MAX_BLOCK_BYTES

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import csv
+import functools
 import hashlib
 import io
 import json
@@ -41,7 +42,7 @@ SCAN_CHUNK_BYTES = 16 << 20
 # A shard travels as one Arrow block, which Ray slices when it is far over its target size: a shard must stay well
 # below the block size the pipeline sets (pipelines.pipeline.MAX_BLOCK_BYTES).
 MAX_SHARD_BYTES = 512 << 20
-# The cross-shard id check (find_repeated_ids): rows one reading task takes, and rows one grouping task holds.
+# The cross-shard id check (start_repeated_ids): rows one reading task takes, and rows one grouping task holds.
 ID_CHECK_ROWS_PER_TASK = 50_000
 ID_CHECK_ROWS_PER_PARTITION = 1_000_000
 # The most bytes one JSONL line or CSV record may hold; a longer one becomes a `row_too_large` error row, read past
@@ -111,7 +112,11 @@ class Shard:
     input_bytes: int = 0
     repeats: tuple[tuple[int, str], ...] = ()
     """Rows (source_row) whose id a row of another shard, earlier in the input, has: each with where that row is.
-    Found by find_repeated_ids before the run reads the shard."""
+    Found by start_repeated_ids' check before the run reads the shard."""
+
+
+# By shard id, the Shard.repeats of each shard that has any: what the cross-shard id check finds.
+Repeats = dict[str, tuple[tuple[int, str], ...]]
 
 
 @dataclass(frozen=True)
@@ -414,26 +419,36 @@ class ShardDatasource(Datasource):
     """Ray Data source with one read task per shard, whatever parallelism Ray asks for.
 
     A read task's output blocks are coalesced by Ray up to its target block size, so a task that yielded several
-    shards could hand them downstream as one block; one shard per task cannot be merged with another.
+    shards could hand them downstream as one block; one shard per task cannot be merged with another. With `repeats`
+    (start_repeated_ids' reference), each task waits for the id check and flags its shard's repeated ids.
     """
 
-    def __init__(self, shards: list[Shard], config: ReadConfig):
+    def __init__(self, shards: list[Shard], config: ReadConfig, repeats: ray.ObjectRef | None):
         self._shards = shards
         self._config = config
+        self._repeats = repeats
 
     def estimate_inmemory_data_size(self) -> int | None:
         return sum(s.input_bytes for s in self._shards) or None
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
                        data_context: Any = None) -> list[ReadTask]:
-        return [ReadTask(partial(_read_one, shard, self._config),
+        return [ReadTask(partial(_read_one, shard, self._config, self._repeats),
                          BlockMetadata(num_rows=shard.row_count, size_bytes=shard.input_bytes or None,
                                        exec_stats=None, input_files=[shard.file]))
                 for shard in self._shards]
 
 
-def _read_one(shard: Shard, config: ReadConfig) -> Iterator[pa.Table]:
+def _read_one(shard: Shard, config: ReadConfig, repeats: ray.ObjectRef | None) -> Iterator[pa.Table]:
+    if repeats is not None:
+        shard = replace(shard, repeats=_repeats_of(repeats).get(shard.shard_id, ()))
     yield read_shard(shard, config)
+
+
+@functools.lru_cache(maxsize=1)
+def _repeats_of(repeats: ray.ObjectRef) -> Repeats:
+    """The id check's result, fetched once per worker process rather than once per shard it reads."""
+    return ray.get(repeats)
 
 
 def read_shard(shard: Shard, config: ReadConfig) -> pa.Table:
@@ -470,13 +485,15 @@ def _flag_duplicate_ids(shard: Shard, rows: list[dict[str, Any]]) -> None:
                               f"{earlier}, which is answered; make the ids in the id column unique")
 
 
-def find_repeated_ids(shards: list[Shard], config: ReadConfig) -> list[Shard]:
-    """The shards, with the rows of each whose id a row of an earlier shard has (Shard.repeats).
+def start_repeated_ids(shards: list[Shard], config: ReadConfig) -> ray.ObjectRef:
+    """The cross-shard id check, started: a reference to, by shard id, the rows of each shard whose id a row of an
+    earlier shard has (Shard.repeats; shards with none are left out). The run's read tasks wait on it
+    (ShardDatasource), so it runs while the engines start.
 
     A map-reduce on Ray: tasks read runs of whole shards (ID_CHECK_ROWS_PER_TASK rows or so, and at least two tasks
     per CPU of the cluster) and split their rows' ids by a hash of the id into partitions of about
     ID_CHECK_ROWS_PER_PARTITION rows; one task per partition groups its ids with Arrow and keeps those used more than
-    once. No process holds all the ids, and only the repeated ones come back to the driver. Rows that are error rows
+    once. No process holds all the ids, and only the repeated ones reach the last task. Rows that are error rows
     anyway, or repeat an id earlier in their own shard, take no part (read_shard flags those itself)."""
     rows = sum(shard.row_count for shard in shards)
     cpus = int(ray.cluster_resources().get("CPU", 1))
@@ -487,18 +504,8 @@ def find_repeated_ids(shards: list[Shard], config: ReadConfig) -> list[Shard]:
     mapped = [_id_partitions.options(num_returns=partitions).remote(shards[start:start + size], ids_only, partitions)
               for start in range(0, len(shards), size)]
     by_partition = zip(*mapped) if partitions > 1 else [mapped]
-    found = ray.get([_repeated_ids.remote(*parts) for parts in by_partition])
-    order = {shard.shard_id: index for index, shard in enumerate(shards)}
-    repeats: dict[str, list[tuple[int, str]]] = {}
-    for table in found:
-        for group in table.column("place_list").to_pylist():
-            places = sorted((order[shard], int(row)) for shard, row in (place.split(":") for place in group))
-            first_shard, first_row = places[0]
-            first = f"row {first_row} of {_shown(shards[first_shard])}"
-            for index, row in places[1:]:
-                repeats.setdefault(shards[index].shard_id, []).append((row, first))
-    return [replace(shard, repeats=tuple(sorted(repeats[shard.shard_id]))) if shard.shard_id in repeats else shard
-            for shard in shards]
+    found = [_repeated_ids.remote(*parts) for parts in by_partition]
+    return _repeats_by_shard.remote([(shard.shard_id, _shown(shard)) for shard in shards], *found)
 
 
 @ray.remote(num_cpus=0.25)
@@ -517,6 +524,22 @@ def _repeated_ids(*parts: pa.Table) -> pa.Table:
     """Of one partition's ids, those used more than once, each with the list of its places."""
     grouped = pa.concat_tables(parts).group_by("id").aggregate([("place", "count"), ("place", "list")])
     return grouped.filter(pc.greater(grouped.column("place_count"), 1))
+
+
+@ray.remote(num_cpus=0.25)
+def _repeats_by_shard(shards: list[tuple[str, str]], *found: pa.Table) -> Repeats:
+    """Shard.repeats by shard id, from the partitions' repeated ids; `shards` are (id, file shown) in input order,
+    which decides the first use of an id."""
+    order = {shard_id: index for index, (shard_id, _) in enumerate(shards)}
+    repeats: dict[str, list[tuple[int, str]]] = {}
+    for table in found:
+        for group in table.column("place_list").to_pylist():
+            places = sorted((order[shard], int(row)) for shard, row in (place.split(":") for place in group))
+            first_shard, first_row = places[0]
+            first = f"row {first_row} of {shards[first_shard][1]}"
+            for index, row in places[1:]:
+                repeats.setdefault(shards[index][0], []).append((row, first))
+    return {shard: tuple(sorted(rows)) for shard, rows in repeats.items()}
 
 
 def _id_places(block: pa.Table) -> pa.Table:

@@ -59,8 +59,9 @@ class InputSpec(_Strict):
         "holding objects, or only nulls there, is `string`; other values in a string column keep their JSON text)."
     )
     unique_ids: bool | None = Field(
-        None, description="Check that no two rows share an id across the whole input, before the engines start: one "
-        "pass of Ray tasks over the ids, split by a hash of the id and grouped per partition, so memory stays bounded. A row repeating an "
+        None, description="Check that no two rows share an id across the whole input, while the engines start (the "
+        "read waits for it): one pass of Ray tasks over the ids, split by a hash of the id and grouped per partition, "
+        "so memory stays bounded. A row repeating an "
         "earlier row's id becomes a `duplicate_id` error row; the first is answered. Default: on for `openai-batch` "
         "(a custom_id must be unique), off otherwise, where only repeats within a shard are found. Needs an id "
         "column."

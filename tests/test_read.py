@@ -6,12 +6,14 @@ import csv
 import decimal
 import io
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import ray
 
 from qwen_batch.pipelines import read
 from qwen_batch.pipelines.read import BLOCK_SCHEMA, ReadConfig, Shard, plan_shards, read_shard
@@ -755,10 +757,11 @@ def test_ids_repeated_across_shards_and_files_are_duplicate_id_rows_and_the_firs
     config = ReadConfig.of(spec, ["text"])
     shards, _ = plan_shards(spec, list_files(spec.path))
 
-    flagged = read.find_repeated_ids(shards, config)
+    repeats = ray.get(read.start_repeated_ids(shards, config))
 
-    assert [s.shard_id for s in flagged] == [s.shard_id for s in shards]
-    table = pa.concat_tables([read_shard(shard, config) for shard in flagged])
+    assert set(repeats) <= {s.shard_id for s in shards}
+    table = pa.concat_tables([read_shard(replace(shard, repeats=repeats.get(shard.shard_id, ())), config)
+                              for shard in shards])
     rows = [(row["source_file"].rsplit("/", 1)[1], row["source_row"], row["_error_type"], row["_error"])
             for row in table.to_pylist()]
     errors = {(file, number): (kind, message) for file, number, kind, message in rows if kind}
@@ -785,8 +788,9 @@ def test_a_resume_takes_the_repeated_ids_from_the_job_record_instead_of_reading_
     plan = driver.plan_job(spec)
     assert plan.repeats is None
     driver.claim_output(plan)
-    checked, _ = driver._with_repeated_ids(plan, [(m, plan.todo(m)) for m in plan.models])
-    found = {s.shard_id: s.repeats for s in checked.shards if s.repeats}
+    check = driver._IdCheck(plan)
+    check.wait()
+    found = ray.get(check.repeats)
     assert sum(map(len, found.values())) == 4  # r4, r1 of a.jsonl; r4 and new again in b.jsonl
     record = json.loads((tmp_path / "out" / driver.JOB_FILE).read_text())
     assert record["repeated_ids"] == {shard: [list(repeat) for repeat in repeats] for shard, repeats in found.items()}
@@ -794,11 +798,9 @@ def test_a_resume_takes_the_repeated_ids_from_the_job_record_instead_of_reading_
     def read_again(*_: Any) -> None:
         raise AssertionError("the resume read every shard again for the id check")
 
-    monkeypatch.setattr(driver, "find_repeated_ids", read_again)
+    monkeypatch.setattr(driver, "start_repeated_ids", read_again)
     again = driver.plan_job(spec)
     assert again.repeats == found
-    resumed, work = driver._with_repeated_ids(again, [(m, again.todo(m)) for m in again.models])
-    assert [s.repeats for s in resumed.shards] == [s.repeats for s in checked.shards]
-    assert [s.repeats for _, todo in work for s in todo] == [s.repeats for s in checked.shards]
+    assert ray.get(driver._IdCheck(again).repeats) == found
     # --overwrite starts over: the record is rewritten without them, and the next run checks again.
     assert driver.plan_job(spec, overwrite=True).repeats is None
