@@ -54,14 +54,20 @@ def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
 @pytest.fixture(scope="session", autouse=True)
 def private_caches(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """Keep every cache (vLLM, torch, Hugging Face, our models and adapters) and the runs' log files inside the
-    session's temp folder, offline."""
+    session's temp folder, offline; and every temp file the session's processes make (vLLM's IPC sockets and
+    rendezvous files, the session folders of the Ray clusters that jobs start themselves) in a temp folder of its
+    own, removed at the end. That one is short and under /tmp: Unix socket paths may not pass 107 bytes."""
     root = tmp_path_factory.mktemp("caches")
+    temp = tempfile.mkdtemp(prefix="qb-tmp-", dir="/tmp")
     with pytest.MonkeyPatch.context() as environment:
         for name in ("VLLM_CACHE_ROOT", "TORCHINDUCTOR_CACHE_DIR", "XDG_CACHE_HOME", "HF_HOME", "QWEN_BATCH_MODEL_DIR",
                      "QWEN_BATCH_ADAPTER_CACHE", "QWEN_BATCH_LOG_DIR"):
             environment.setenv(name, str(root / name.lower()))
         environment.setenv("HF_HUB_OFFLINE", "1")
+        environment.setenv("TMPDIR", temp)
+        environment.setattr(tempfile, "tempdir", temp)  # this process read TMPDIR already
         yield
+    shutil.rmtree(temp, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -94,7 +94,8 @@ class S3Server:
             raise RuntimeError(f"S3 server already running as pid {self.pid}")
         self.data_dir.mkdir(parents=True, exist_ok=True)
         command = [
-            find_weed(), "mini", f"-dir={self.data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+            find_weed(), f"-logdir={self.data_dir}", "mini", f"-dir={self.data_dir}", "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
             "-master.telemetry=false", "-admin.ui=false", "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
             *(f"-{role}.port={port}" for role, port in self.ports.items()),
             f"-s3.localSocket={self.data_dir / 's3.sock'}", f"-bucket={self.bucket}",
