@@ -37,6 +37,7 @@ Run from the repository root (the lead's `./run bench` does the same):
   python tests/bench.py --rows 96 --modes raw,qwen-batch
   python tests/bench.py --scaling            # qwen-batch only, max_tokens 1, 1k/10k/100k/1M rows: per-row overhead
   python tests/bench.py --scaling --scaling-sizes 10000 --rows-per-shard 1   # 10,000 shards of one row each
+  python tests/bench.py --side-by-side       # two models of one job at once against each alone, on 2 raylets
 
 Every qwen-batch run checks that each input row was committed exactly once (the `exactly once` column).
 
@@ -60,7 +61,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -95,6 +96,14 @@ NOISY_SHARE = 0.05
 MODE_TIMEOUT_S = 1800.0
 MODE_TIMEOUT_PER_ROW_S = 0.01
 WRITE_CHUNK_ROWS = 10_000
+# --side-by-side: two models, each engine one core of its own (this machine's stand-in for a GPU each), and shards
+# small enough that each model's output span is many data files.
+SIDE_BY_SIDE_MODELS = ("tiny-qwen2", "tiny-qwen3")
+SIDE_BY_SIDE_ROWS = 2048
+SIDE_BY_SIDE_ROWS_PER_SHARD = 64
+SIDE_BY_SIDE_ENGINE_ENV = {"OMP_NUM_THREADS": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
+# Share of one core an engine process uses in a sample interval for that interval to count as the engine working.
+ENGINE_WORKING = 0.5
 
 LONG_TAIL_MEDIAN = 24
 LONG_TAIL_SIGMA = 1.0
@@ -164,10 +173,10 @@ def chat(text: str) -> list[dict[str, str]]:
     return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": text}]
 
 
-def openai_request(row: dict[str, Any]) -> dict[str, Any]:
+def openai_request(row: dict[str, Any], model: str = VARIANT) -> dict[str, Any]:
     """A row as one OpenAI batch request line, the way qwen-batch reads it."""
     return {"custom_id": row["id"], "method": "POST", "url": "/v1/chat/completions",
-            "body": {"model": VARIANT, "messages": chat(row["text"]), "max_tokens": row["max_tokens"],
+            "body": {"model": model, "messages": chat(row["text"]), "max_tokens": row["max_tokens"],
                      "temperature": 0}}
 
 
@@ -245,6 +254,11 @@ class WorkerConfig:
     ray_data_llm_batch: int | None = None
     ray_data_llm_concurrent_batches: int | None = None
     ray_data_llm_stages: str = "template"
+    # qwen-batch only: the models of the job (several: routed by each request's body.model), a multi-node cluster on
+    # this machine instead of one local node (its worker nodes; 0: none), and engine.env.
+    models: tuple[str, ...] = (VARIANT,)
+    cluster_workers: int = 0
+    engine_env: dict[str, str] | None = None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -343,14 +357,21 @@ def start_ray(config: WorkerConfig, num_cpus: int) -> None:
 
 def qwen_batch_spec(config: WorkerConfig) -> dict[str, Any]:
     """The job spec: an OpenAI batch file in (chats and max_tokens per request, so no `prompt`), Parquet out."""
-    return {
+    models = [{"variant": name, "max_model_len": config.max_model_len} for name in config.models]
+    spec = {
         "name": "bench",
         "input": {"path": config.openai_file, "format": "openai-batch", "rows_per_shard": config.rows_per_shard},
-        "model": {"variant": VARIANT, "max_model_len": config.max_model_len},
         # Every request carries its own max_tokens; the job's is the largest, for rows that would not.
         "sampling": {"max_tokens": config.max_tokens, "temperature": 0, "top_p": 1.0, "seed": 0},
-        "output": {"path": config.output_dir},
+        # On a cluster of this machine's raylets every node sees the same folder.
+        "output": {"path": config.output_dir, "shared": bool(config.cluster_workers)},
     }
+    spec.update({"models": models, "route_column": "model"} if len(models) > 1 else {"model": models[0]})
+    if config.cluster_workers:
+        spec["resources"] = {"replicas": 1}
+    if config.engine_env:
+        spec["engine"] = {"env": config.engine_env}
+    return spec
 
 
 def run_qwen_batch(config: WorkerConfig, started: float) -> dict[str, Any]:
@@ -358,27 +379,40 @@ def run_qwen_batch(config: WorkerConfig, started: float) -> dict[str, Any]:
     import pyarrow.parquet as pq
     import ray
 
+    from clusters import local_cluster  # tests/, the script's folder, is first on sys.path
     from qwen_batch.cluster.local import job_log_file
     from qwen_batch.jobs.driver import run_job
     from qwen_batch.schemas.spec import load_spec
 
     imported = time.monotonic()
-    start_ray(config, config.cores)
-    ray_ready = time.monotonic()
-    manifest = run_job(load_spec(qwen_batch_spec(config)))
-    finished = time.monotonic()
-    ray.shutdown()
-    commits = [json.loads(p.read_text()) for p in sorted(Path(config.output_dir).glob("_commits/*/*.json"))]
+    if config.cluster_workers:
+        # A head that runs nothing, and worker nodes with the CPUs a CPU engine and the light stages ask for.
+        worker = {"num_cpus": config.cores, "object_store_memory": RAY_OBJECT_STORE_BYTES}
+        with local_cluster("qb-bench-", {"num_cpus": 0, "object_store_memory": RAY_OBJECT_STORE_BYTES},
+                           [worker] * config.cluster_workers) as cluster:
+            ray_ready = time.monotonic()
+            manifest = run_job(load_spec(qwen_batch_spec(config)), address=cluster.address)
+            finished = time.monotonic()
+    else:
+        start_ray(config, config.cores)
+        ray_ready = time.monotonic()
+        manifest = run_job(load_spec(qwen_batch_spec(config)))
+        finished = time.monotonic()
+        ray.shutdown()
+    output = Path(config.output_dir)
+    commits = [json.loads(p.read_text()) for p in sorted(output.glob("_commits/*/*.json"))]
     started_wall = _wall_clock(started)
     committed_at = sorted(datetime.fromisoformat(c["committed_at"]).timestamp() for c in commits)
-    data_files = sorted(Path(config.output_dir).glob(f"{VARIANT}/part-*.parquet"), key=lambda p: p.stat().st_mtime)
-    texts = _parquet_texts(Path(config.output_dir) / VARIANT)
+    data_files = sorted((f for name in config.models for f in output.glob(f"{name}/part-*.parquet")),
+                        key=lambda p: p.stat().st_mtime)
+    texts = _parquet_texts(output / config.models[0])
     planned = sum(1 for _ in open(config.openai_file))
-    # Every planned row committed once: as many distinct ids as input lines (bench ids are unique), no id twice, one
-    # commit record per shard, and no data file that no commit names.
-    exactly_once = (manifest.complete and manifest.rows_in == len(texts) == planned
-                    and sum(pq.read_metadata(path).num_rows for path in data_files) == planned
-                    and len(commits) == manifest.shards == len(data_files))
+    # Every planned row committed once: as many rows as input lines (bench ids are unique, and each row goes to one
+    # model), one commit record per shard and model, and no data file that no commit names.
+    rows_out = sum(pq.read_metadata(path).num_rows for path in data_files)
+    exactly_once = (manifest.complete and manifest.rows_in == rows_out == planned
+                    and len(commits) == manifest.shards == len(data_files)
+                    and (len(config.models) > 1 or len(texts) == planned))
     return {
         "exactly_once": exactly_once,
         "rows": manifest.rows_in, "output_tokens": manifest.totals.completion_tokens,
@@ -395,6 +429,7 @@ def run_qwen_batch(config: WorkerConfig, started: float) -> dict[str, Any]:
         "first_output_file_s": data_files[0].stat().st_mtime - started_wall if data_files else None,
         "shards": manifest.shards,
         "commit_offsets_s": [round(t - started_wall, 2) for t in committed_at],
+        "engine_seconds_by_model": {name: totals.engine_seconds for name, totals in manifest.per_variant.items()},
         "phases_s": {"imports": imported - started, "ray_init": ray_ready - imported,
                      "run_job": finished - ray_ready},
         "texts": texts,
@@ -618,6 +653,8 @@ class TreeSampler(threading.Thread):
         self.seen: dict[int, float] = {}
         self.cpu_seconds: dict[int, float] = {}
         self.labels: dict[int, str] = {}
+        # (wall time, CPU seconds so far) of each engine actor process at every sample: when each engine worked.
+        self.engine_cpu: dict[int, list[tuple[float, float]]] = {}
         self.started = time.monotonic()
         self.busy_at_start = _system_busy_seconds()
 
@@ -651,6 +688,8 @@ class TreeSampler(threading.Thread):
                     cpu = process.cpu_times()
                     self.cpu_seconds[process.pid] = cpu.user + cpu.system
                     self.labels[process.pid] = _label(process) or self.labels.get(process.pid, f"pid {process.pid}")
+                    if "EngineStage" in self.labels[process.pid]:
+                        self.engine_cpu.setdefault(process.pid, []).append((time.time(), cpu.user + cpu.system))
                 except psutil.Error:
                     continue
                 if process.pid == self.root.pid:
@@ -669,6 +708,39 @@ def _system_busy_seconds() -> float:
 
     times = psutil.cpu_times()
     return sum(times) - times.idle - getattr(times, "iowait", 0.0)
+
+
+def engine_work(samples: dict[int, list[tuple[float, float]]], log_file: Path,
+                started_wall: float) -> dict[str, dict[str, Any]]:
+    """Per engine actor, from its CPU samples and vLLM's log lines: the model it ran, when it was ready (vLLM's
+    `init engine` line, whole seconds) and the sample intervals after that in which it used at least ENGINE_WORKING
+    of a core, as offsets from the mode's start."""
+    import re
+
+    text = log_file.read_text(errors="replace") if log_file.exists() else ""
+    year = datetime.fromtimestamp(started_wall).year
+    actor = r"pid=(\d+)(?:, ip=[^)]*)?\)"  # Ray's prefix of a worker's line; on a cluster it names the node's ip
+    models = dict(re.findall(actor + r".*Initializing a V1 LLM engine.*?model='([^']+)'", text))
+    ready = {pid: datetime.strptime(f"{year}-{stamp}", "%Y-%m-%d %H:%M:%S").timestamp() for pid, stamp in
+             re.findall(actor + r".*(?:INFO|WARNING) (\d\d-\d\d \d\d:\d\d:\d\d) \[core\.py:\d+\] init engine",
+                        text)}
+    found = {}
+    for pid, points in samples.items():
+        key = str(pid)
+        if key not in ready:
+            continue
+        working = [(start - started_wall, stop - started_wall) for (start, used), (stop, used_after)
+                   in zip(points, points[1:])
+                   if start >= ready[key] and (used_after - used) >= ENGINE_WORKING * (stop - start)]
+        found[key] = {"model": Path(models.get(key, "?")).name, "ready_s": ready[key] - started_wall,
+                      "working_s": working}
+    return found
+
+
+def _both_working_s(first: list[list[float]], second: list[list[float]]) -> float:
+    """Seconds in which both engines were working: the overlap of their working intervals."""
+    return sum(max(0.0, min(a_end, b_end) - max(a_start, b_start))
+               for a_start, a_end in first for b_start, b_end in second)
 
 
 def _label(process: Any) -> str | None:
@@ -751,8 +823,8 @@ class ModeResult:
 
 
 def run_mode(mode: str, root: Path, inputs: Inputs, cores: int, args: argparse.Namespace,
-             tag: str | None = None) -> ModeResult:
-    """Run one mode in a fresh subprocess and collect its figures."""
+             tag: str | None = None, job: dict[str, Any] | None = None) -> ModeResult:
+    """Run one mode in a fresh subprocess and collect its figures; `job` sets WorkerConfig's qwen-batch fields."""
 
     name = tag or mode
     rows = inputs.rows
@@ -770,6 +842,7 @@ def run_mode(mode: str, root: Path, inputs: Inputs, cores: int, args: argparse.N
                           ray_data_llm_batch=args.ray_data_llm_batch if best else None,
                           ray_data_llm_concurrent_batches=args.ray_data_llm_concurrent_batches if best else None,
                           ray_data_llm_stages=args.ray_data_llm_stages)
+    config = replace(config, **(job or {}))
     config_file = folder / "config.json"
     config_file.write_text(json.dumps(asdict(config)))
     log_file = folder / "log.txt"
@@ -825,8 +898,8 @@ def run_mode(mode: str, root: Path, inputs: Inputs, cores: int, args: argparse.N
     if measured["engine_seconds"]:
         result.engine_tokens_per_s = measured["output_tokens"] / measured["engine_seconds"]
     engine_log = Path(measured.get("engine_log_file") or log_file)
-    logged_start, logged_ready = engine_times_from_log(engine_log if engine_log.exists() else log_file,
-                                                       measured["started_wall"])
+    engine_log = engine_log if engine_log.exists() else log_file
+    logged_start, logged_ready = engine_times_from_log(engine_log, measured["started_wall"])
     result.engine_start_s = measured["engine_start_s"] if measured["engine_start_s"] is not None else logged_start
     measured_ready = measured["engine_ready_s"]
     result.engine_ready_offset_s = measured_ready if measured_ready is not None else logged_ready
@@ -840,8 +913,11 @@ def run_mode(mode: str, root: Path, inputs: Inputs, cores: int, args: argparse.N
     result.driver_maxrss_bytes = measured["driver_maxrss_bytes"]
     result.children_maxrss_bytes = measured["children_maxrss_bytes"]
     result.extra = {key: measured[key] for key in ("phases_s", "finish_reasons", "shards", "commit_offsets_s",
-                                                   "config", "rows_failed", "steps", "exactly_once")
+                                                   "config", "rows_failed", "steps", "exactly_once",
+                                                   "engine_seconds_by_model")
                     if measured.get(key) is not None}
+    if sampler.engine_cpu:
+        result.extra["engines"] = engine_work(sampler.engine_cpu, engine_log, measured["started_wall"])
     print(f"  done: wall {result.wall_measured_s:.1f} s, {result.output_tokens} output tokens, "
           f"tree peak {_gib(result.tree_peak_rss_bytes)}, other programs used {foreign_share:.0%} of the cores",
           flush=True)
@@ -1111,20 +1187,23 @@ def cache_env(folder: Path) -> dict[str, str]:
     return env
 
 
-def prepare(root: Path, workload: Workload, rows: int, max_tokens: int | None, shapes: set[str]) -> Inputs:
-    """Caches in the temp folder, the tiny model where qwen-batch's catalog finds it, and the input files."""
+def prepare(root: Path, workload: Workload, rows: int, max_tokens: int | None, shapes: set[str],
+            models: tuple[str, ...] = (VARIANT,)) -> Inputs:
+    """Caches in the temp folder, the tiny models where qwen-batch's catalog finds them, and the input files."""
     os.environ.update(cache_env(root / "cache"))
     (root / "ray").mkdir(exist_ok=True)
     os.environ["RAY_TMPDIR"] = str(root / "ray")
     os.environ["QWEN_BATCH_MODEL_DIR"] = str(root / "models")
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-    checkpoint = root / "models" / "qwen-batch" / VARIANT
-    if not (checkpoint / "config.json").exists():
-        print(f"building the tiny model at {checkpoint}", flush=True)
-        build = ("import sys; from qwen_batch.jobs.tiny_model import make_tiny_model; "
-                 "make_tiny_model('qwen2', sys.argv[1])")
-        subprocess.run([sys.executable, "-c", build, str(checkpoint)], cwd=REPO, check=True)
+    for model in models:
+        checkpoint = root / "models" / "qwen-batch" / model
+        if not (checkpoint / "config.json").exists():
+            print(f"building the tiny model at {checkpoint}", flush=True)
+            build = ("import sys; from qwen_batch.jobs.tiny_model import make_tiny_model; "
+                     "make_tiny_model(sys.argv[1], sys.argv[2])")
+            subprocess.run([sys.executable, "-c", build, model.removeprefix("tiny-"), str(checkpoint)], cwd=REPO,
+                           check=True)
     written = time.monotonic()
     inputs = write_inputs(root / "input", workload, rows, max_tokens, shapes)
     print(f"wrote {rows:,} {workload.name} rows ({', '.join(sorted(shapes))}) in {time.monotonic() - written:.1f} s",
@@ -1262,6 +1341,86 @@ def run_scaling(args: argparse.Namespace, root: Path, cores: int) -> dict[str, A
             "driver_rss_ratios_to_10k": rss_ratios, "results": [asdict(r) for r in results]}
 
 
+def route_inputs(root: Path, inputs: Inputs, models: tuple[str, ...]) -> dict[str, Inputs]:
+    """The dataset's requests dealt out to `models` in turn (body.model), as one file for the routed job (key
+    "both") and one per model of only its own requests."""
+    routed: dict[str, list[str]] = {"both": [], **{model: [] for model in models}}
+    lengths: dict[str, list[int]] = {name: [] for name in routed}
+    for index, line in enumerate(inputs.openai_file.read_text().splitlines()):
+        request = json.loads(line)
+        model = models[index % len(models)]
+        request["body"]["model"] = model
+        for name in ("both", model):
+            routed[name].append(json.dumps(request))
+            lengths[name].append(request["body"]["max_tokens"])
+    found = {}
+    for name, lines in routed.items():
+        path = root / "input" / f"routed-{name}.openai.jsonl"
+        path.write_text("\n".join(lines) + "\n")
+        found[name] = Inputs(inputs.workload, None, path, lengths[name])
+    return found
+
+
+def _working_by_model(result: ModeResult) -> dict[str, tuple[float, float]]:
+    """Each model's engine from its first to its last working sample, as offsets from the mode's start."""
+    return {engine["model"]: (engine["working_s"][0][0], engine["working_s"][-1][1])
+            for engine in result.extra.get("engines", {}).values() if engine["working_s"]}
+
+
+def run_side_by_side(args: argparse.Namespace, root: Path, cores: int) -> dict[str, Any]:
+    """Two models of one job at the same time, against each alone: wall time and how much their outputs overlap."""
+    workload = WORKLOADS["long-tail"]
+    rows = args.rows or SIDE_BY_SIDE_ROWS
+    inputs = route_inputs(root, prepare(root, workload, rows, None, {"openai"}, SIDE_BY_SIDE_MODELS),
+                          SIDE_BY_SIDE_MODELS)
+    cluster = {"cluster_workers": len(SIDE_BY_SIDE_MODELS), "engine_env": SIDE_BY_SIDE_ENGINE_ENV}
+    runs = [(f"alone-{model}", inputs[model], (model,)) for model in SIDE_BY_SIDE_MODELS]
+    runs.append(("side-by-side", inputs["both"], SIDE_BY_SIDE_MODELS))
+    results = [run_mode(REFERENCE_MODE, root, run_inputs, cores, args, tag=tag, job={**cluster, "models": models})
+               for tag, run_inputs, models in runs]
+    print(f"\nside by side: {rows} rows, {_tokens_label(inputs['both'])}; {' and '.join(SIDE_BY_SIDE_MODELS)} routed "
+          f"by body.model, half the rows each; a Ray cluster of {len(SIDE_BY_SIDE_MODELS)} worker nodes on this "
+          f"machine ({cores} cores), one engine replica per model, each engine one core (OMP_NUM_THREADS=1, "
+          f"unbound); {args.rows_per_shard} rows per shard")
+    header = ["run", "rows", "wall s", *(f"{m} working s" for m in SIDE_BY_SIDE_MODELS), "engine busy s",
+              "exactly once"]
+    print("  ".join(f"{h:>22}" for h in header))
+    for result in results:
+        if not result.ok:
+            print(f"{result.mode:>22}  FAILED (log: {result.log_file})")
+            continue
+        working = _working_by_model(result)
+        busy = result.extra.get("engine_seconds_by_model", {})
+        print("  ".join(f"{v:>22}" for v in [
+            result.mode, str(result.rows_measured), _num(result.wall_s),
+            *(f"{working[m][0]:.1f} - {working[m][1]:.1f}" if m in working else "-" for m in SIDE_BY_SIDE_MODELS),
+            " / ".join(_num(busy.get(m)) for m in SIDE_BY_SIDE_MODELS), str(result.extra.get("exactly_once"))]))
+    figures: dict[str, Any] = {}
+    if all(result.ok for result in results):
+        *alone, both = results
+        engines = {engine["model"]: engine["working_s"] for engine in both.extra.get("engines", {}).values()}
+        together = (_both_working_s(*(engines[m] for m in SIDE_BY_SIDE_MODELS))
+                    if set(SIDE_BY_SIDE_MODELS) <= set(engines) else None)
+        figures = {"wall_over_sum_alone": both.wall_s / sum(r.wall_s for r in alone),
+                   "wall_over_slowest_alone": both.wall_s / max(r.wall_s for r in alone),
+                   "both_engines_working_s": together,
+                   "engine_working_s": {m: sum(b - a for a, b in spans) for m, spans in engines.items()}}
+        print(f"\nwall(side by side) / (sum of the models alone) = {figures['wall_over_sum_alone']:.2f}  "
+              f"(below 1: they ran at the same time); / (the slower alone) = "
+              f"{figures['wall_over_slowest_alone']:.2f}")
+        if together is not None:
+            each = " and ".join(f"{_num(figures['engine_working_s'][m])} s" for m in SIDE_BY_SIDE_MODELS)
+            print(f"side by side, after each was ready, the engines worked {each}; both at once for {together:.1f} s")
+    print("  working = the engine process used at least "
+          f"{ENGINE_WORKING:.0%} of a core (sampled every {SAMPLE_INTERVAL_S:g} s), from vLLM's `init engine` line "
+          "to its last such sample")
+    print_breakdown(results)
+    print_noise(results)
+    return {"kind": "side-by-side", "rows": rows, "models": SIDE_BY_SIDE_MODELS, "cores": cores,
+            "rows_per_shard": args.rows_per_shard, "engine_env": SIDE_BY_SIDE_ENGINE_ENV, **figures,
+            "results": [asdict(r) for r in results]}
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="tests/bench.py", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -1274,8 +1433,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "(default: fixed 32, long-doc 8)")
     parser.add_argument("--modes", default=",".join(MODES),
                         help=f"comma-separated, from {', '.join(MODES)} (transformers only runs the fixed workload)")
-    parser.add_argument("--rows-per-shard", type=int, default=ROWS_PER_SHARD,
-                        help=f"qwen-batch's input.rows_per_shard (default {ROWS_PER_SHARD}, qwen-batch's own)")
+    parser.add_argument("--rows-per-shard", type=int,
+                        help=f"qwen-batch's input.rows_per_shard (default {ROWS_PER_SHARD}, qwen-batch's own; "
+                             f"{SIDE_BY_SIDE_ROWS_PER_SHARD} with --side-by-side)")
     parser.add_argument("--transformers-rows", type=int, default=TRANSFORMERS_MAX_ROWS,
                         help="most rows the transformers mode runs; its wall time is scaled to --rows and labelled "
                              f"(default {TRANSFORMERS_MAX_ROWS})")
@@ -1295,6 +1455,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--scaling", action="store_true", help="qwen-batch alone, max_tokens 1, at --scaling-sizes")
     parser.add_argument("--scaling-sizes", default="1000,10000,100000,1000000",
                         help="rows per scaling run (default 1000,10000,100000,1000000)")
+    parser.add_argument("--side-by-side", action="store_true",
+                        help=f"qwen-batch only, long-tail: {' and '.join(SIDE_BY_SIDE_MODELS)} each alone on half the "
+                             "rows, then both in one routed job, on a cluster of two worker nodes on this machine "
+                             f"(default {SIDE_BY_SIDE_ROWS} rows, {SIDE_BY_SIDE_ROWS_PER_SHARD} rows per shard)")
     parser.add_argument("--mode-timeout", type=float,
                         help=f"seconds before a mode is killed (default {MODE_TIMEOUT_S:g} + "
                              f"{MODE_TIMEOUT_PER_ROW_S:g} per row)")
@@ -1302,7 +1466,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--keep", action="store_true", help="keep the temp folder (models, inputs, outputs, logs)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--count-prompt-tokens", nargs=2, help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.rows_per_shard = args.rows_per_shard or (SIDE_BY_SIDE_ROWS_PER_SHARD if args.side_by_side else ROWS_PER_SHARD)
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1315,7 +1481,8 @@ def main(argv: list[str] | None = None) -> int:
     cores = os.cpu_count() or 1
     root = Path(tempfile.mkdtemp(prefix="qb-bench-"))
     try:
-        report = run_scaling(args, root, cores) if args.scaling else run_comparison(args, root, cores)
+        run = run_scaling if args.scaling else run_side_by_side if args.side_by_side else run_comparison
+        report = run(args, root, cores)
         report["versions"] = _versions()
         Path(args.out).write_text(json.dumps(report, indent=2, default=str))
         print(f"\nwrote {args.out}" + (f"; temp folder kept at {root}" if args.keep else ""))
