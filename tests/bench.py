@@ -96,8 +96,8 @@ NOISY_SHARE = 0.05
 MODE_TIMEOUT_S = 1800.0
 MODE_TIMEOUT_PER_ROW_S = 0.01
 WRITE_CHUNK_ROWS = 10_000
-# --side-by-side: two models, each engine one core of its own (this machine's stand-in for a GPU each), and shards
-# small enough that each model's output span is many data files.
+# --side-by-side: two models, each engine one core of its own (this machine's stand-in for a GPU each), and each
+# model's half of the rows in many shards, as a real job's are, rather than two.
 SIDE_BY_SIDE_MODELS = ("tiny-qwen2", "tiny-qwen3")
 SIDE_BY_SIDE_ROWS = 2048
 SIDE_BY_SIDE_ROWS_PER_SHARD = 64
@@ -1368,7 +1368,8 @@ def _working_by_model(result: ModeResult) -> dict[str, tuple[float, float]]:
 
 
 def run_side_by_side(args: argparse.Namespace, root: Path, cores: int) -> dict[str, Any]:
-    """Two models of one job at the same time, against each alone: wall time and how much their outputs overlap."""
+    """Two models of one job at the same time, against each alone: wall time, and how long both engines worked at
+    once."""
     workload = WORKLOADS["long-tail"]
     rows = args.rows or SIDE_BY_SIDE_ROWS
     inputs = route_inputs(root, prepare(root, workload, rows, None, {"openai"}, SIDE_BY_SIDE_MODELS),
