@@ -24,8 +24,9 @@ OWN_RECORD = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (INFO|WARNING) q
 
 @pytest.mark.engine
 def test_the_demo_writes_its_rows_and_shows_only_its_progress_and_summary(tmp_path: Path) -> None:
-    # Short: Ray's session folder (under the temp folder) holds Unix sockets, whose paths may not pass 107 bytes.
-    temp_dir = Path(tempfile.mkdtemp(prefix="qb-demo-"))
+    # Short and under /tmp: Ray's session folder (under the temp folder) holds Unix sockets, whose paths may not pass
+    # 107 bytes.
+    temp_dir = Path(tempfile.mkdtemp(prefix="qb-demo-", dir="/tmp"))
     try:
         # The README's command as a newcomer runs it: the run log in its default place, under the temp folder.
         env = {**os.environ, "TMPDIR": str(temp_dir), "QWEN_BATCH_MODEL_DIR": str(tmp_path / "models")}

@@ -16,7 +16,8 @@ from typing import Any
 import pytest
 import yaml
 
-from test_write import ERROR_ROWS, ROWS, engine_block, write_config  # tests/ is on sys.path
+from clusters import local_cluster  # tests/ is on sys.path
+from test_write import ERROR_ROWS, ROWS, engine_block, write_config
 
 from qwen_batch.pipelines import metrics
 from qwen_batch.pipelines.write import WriteStage
@@ -106,11 +107,6 @@ def free_port() -> int:
 
 @pytest.mark.engine
 def test_a_jobs_counters_reach_the_ray_nodes_metrics_endpoint(tmp_path: Path, tiny_models: dict[str, Path]) -> None:
-    import shutil
-    import tempfile
-
-    from ray.cluster_utils import Cluster
-
     input_dir = tmp_path / "input"
     input_dir.mkdir()
     rows = [{"rid": f"r{i:03d}", "text": f"review {i} of the kettle"} for i in range(23)] + [{"rid": "r999", "text": "   "}]
@@ -123,11 +119,8 @@ def test_a_jobs_counters_reach_the_ray_nodes_metrics_endpoint(tmp_path: Path, ti
     spec_file.write_text(yaml.safe_dump(spec))
 
     metrics_port = free_port()
-    temp_dir = tempfile.mkdtemp(prefix="qb-metrics-")  # Ray's socket paths must stay short
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 2, "object_store_memory": 200 << 20, "include_dashboard": False, "temp_dir": temp_dir,
-        "metrics_export_port": metrics_port})
-    try:
+    with local_cluster("qb-metrics-", {"num_cpus": 2, "object_store_memory": 200 << 20, "include_dashboard": False,
+                                       "metrics_export_port": metrics_port}, []) as cluster:
         done = subprocess.run([sys.executable, "-m", "qwen_batch.jobs.cli", "run", str(spec_file), "--json",
                                "--address", cluster.address], capture_output=True, text=True, timeout=900)
         assert done.returncode == 0, done.stderr
@@ -157,6 +150,3 @@ def test_a_jobs_counters_reach_the_ray_nodes_metrics_endpoint(tmp_path: Path, ti
         assert {key: engine.get(key) for key in engine_expected} == engine_expected
         assert engine[("ray_vllm_time_to_first_token_seconds_count", model)] == 23  # the rows the engine answered
         assert totals["errors_by_type"] == {"empty_prompt": 1}
-    finally:
-        cluster.shutdown()
-        shutil.rmtree(temp_dir, ignore_errors=True)
